@@ -131,7 +131,9 @@ def get_config(name_or_config: str | Sam2UnetConfig) -> Sam2UnetConfig:
         return CONFIGS[name_or_config]
     except KeyError:
         known = ", ".join(CONFIGS)
-        raise ValueError(f"unknown SAM2-UNet config {name_or_config!r}; use one of {known}") from None
+        raise ValueError(
+            f"unknown SAM2-UNet config {name_or_config!r}; use one of {known}"
+        ) from None
 
 
 def tiny_test_config(**changes) -> Sam2UnetConfig:

@@ -12,7 +12,7 @@ from torch import nn
 
 
 class BasicConv2d(nn.Module):
-    """Convolution + batch norm, no activation (the official module defines a ReLU it never uses)."""
+    """Convolution + batch norm, no activation (the official one has a ReLU it never uses)."""
 
     def __init__(self, cin: int, cout: int, kernel, padding=0, dilation: int = 1):
         super().__init__()
@@ -83,4 +83,3 @@ class Up(nn.Module):
         # and also handles odd grids (e.g. 11 -> 5 in stride-8 configs).
         coarse = F.interpolate(coarse, size=skip.shape[-2:], mode="bilinear", align_corners=True)
         return self.conv(torch.cat([skip, coarse], dim=1))
-

@@ -1,0 +1,265 @@
+"""Export a SAM2-UNet checkpoint to the model contract: one ONNX file and its model card.
+
+The ONNX graph takes `image` (N x 3 x 352 x 352, or NHWC) and returns only the first
+logit map `logits`, the official prediction. Torch is imported lazily so this module (and the
+CLI's argument parser) works without the [export] extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
+
+INPUT_SIZE = 352
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+OPSET = 18
+LICENCES = {
+    "official": "SAM2-UNet weights: see the checkpoint's licence (SAM2 trunk: Apache-2.0)",
+}
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ModelError(
+            'exporting needs PyTorch; install it with pip install "napari-sam2unet[export]" '
+            "(torch==2.13.0, CPU wheels are enough)"
+        ) from None
+    return torch
+
+
+def _first_logits_module(model, layout: str):
+    """Wrap a Sam2Unet so the graph has one output and optionally NHWC input/output."""
+    torch = _import_torch()
+
+    class FirstLogits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image):
+            if layout == "nhwc":
+                image = image.permute(0, 3, 1, 2)
+            logits = self.inner(image)[0]
+            if layout == "nhwc":
+                logits = logits.permute(0, 2, 3, 1)
+            return logits
+
+    return FirstLogits(model)
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ModelError(f"--{what} is {value!r}; use one of {', '.join(allowed)}")
+
+
+def export_fp32(model, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
+    """Write the fp32 ONNX graph of `model` (a Sam2Unet) at 352x352."""
+    torch = _import_torch()
+    _check_choice(batch, ("dynamic", "1"), "batch")
+    _check_choice(layout, ("nchw", "nhwc"), "layout")
+    model = model.eval()
+    encoder = model.encoder
+    grid = INPUT_SIZE // model.config.patch_stride
+    # Fold the bicubic resize of the position embedding into one constant for this grid.
+    encoder.fix_position_embedding(grid, grid)
+    try:
+        wrapper = _first_logits_module(model, layout).eval()
+        # The dynamo exporter fails with a batch-1 example and a dynamic batch ("Invalid
+        # ranges"); a batch-2 example traces the same graph.
+        example_batch = 2 if batch == "dynamic" else 1
+        shape = (example_batch, 3, INPUT_SIZE, INPUT_SIZE)
+        if layout == "nhwc":
+            shape = (example_batch, INPUT_SIZE, INPUT_SIZE, 3)
+        example = torch.zeros(shape)
+        dynamic = None
+        if batch == "dynamic":
+            dynamic = {"image": {0: torch.export.Dim("batch", min=1, max=64)}}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(out_path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=dynamic,
+                optimize=True,
+            )
+    finally:
+        encoder.release_position_embedding()
+    return out_path
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, op_types: tuple[str, ...] = ("MatMul",)) -> Path:
+    """Dynamic int8 quantisation of the weights of `op_types` (MatMul only by default:
+    quantising the convolutions too is slower than fp32 on CPU, see docs/performance-models.md)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(fp32_path),
+        str(out_path),
+        op_types_to_quantize=list(op_types),
+        weight_type=QuantType.QInt8,
+    )
+    return out_path
+
+
+def card_dict(
+    name: str,
+    onnx_path: Path,
+    config_name: str,
+    parameters: int,
+    batch: str,
+    layout: str,
+    int8: bool,
+    checkpoint: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model card contents for an exported file (see models.py for the format)."""
+    n = -1 if batch == "dynamic" else 1
+    size = INPUT_SIZE
+    in_shape = [n, 3, size, size] if layout == "nchw" else [n, size, size, 3]
+    out_shape = [n, 1, size, size] if layout == "nchw" else [n, size, size, 1]
+    card: dict[str, Any] = {
+        "name": name,
+        "file": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "input": {
+            "shape": in_shape,
+            "layout": layout,
+            "name": INPUT_NAME,
+            "scale": 1 / 255,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "channels": "replicate",
+            "crop": "square",
+            "margin": 0.15,
+        },
+        "output": {"name": OUTPUT_NAME, "shape": out_shape},
+        "threshold": 0.5,
+        "architecture": {
+            "family": "sam2unet",
+            "config": config_name,
+            "parameters": int(parameters),
+            "precision": "int8-dynamic (MatMul)" if int8 else "fp32",
+            "opset": OPSET,
+        },
+    }
+    if checkpoint is not None:
+        card["source"] = {
+            "checkpoint": checkpoint.name,
+            "checkpoint_sha256": sha256_file(checkpoint),
+        }
+    card["licence"] = LICENCES["official"]
+    _merge(card, extra or {})
+    return card
+
+
+def _merge(base: dict, extra: dict) -> None:
+    """Recursive update: nested dicts (input, architecture, ...) are merged, not replaced."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def export_onnx(
+    model,
+    out_path: str | os.PathLike,
+    config_name: str,
+    batch: str = "dynamic",
+    layout: str = "nchw",
+    int8: bool = False,
+    card_extra: dict[str, Any] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> Path:
+    """Export `model` to `out_path` (.onnx), write its model card beside it; return the card path.
+
+    `card_extra` is merged into the card (e.g. training data, metrics, channels: multiview).
+    """
+    from .modeling import count_parameters
+
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise ModelError(f"the output {out_path} must end in .onnx")
+    if int8:
+        with tempfile.TemporaryDirectory(
+            dir=out_path.parent if out_path.parent.exists() else None
+        ) as tmp:
+            fp32 = export_fp32(model, Path(tmp) / "fp32.onnx", batch, layout)
+            quantize_int8(fp32, out_path)
+    else:
+        export_fp32(model, out_path, batch, layout)
+    card = card_dict(
+        name or out_path.stem,
+        out_path,
+        config_name,
+        count_parameters(model),
+        batch,
+        layout,
+        int8,
+        Path(checkpoint) if checkpoint else None,
+        card_extra,
+    )
+    return write_card(card, out_path.with_suffix(".yaml"))
+
+
+def add_export_parser(subparsers) -> None:
+    """Add `export CHECKPOINT --config NAME --out model.onnx [...]` to the CLI."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "export",
+        help="convert a SAM2-UNet PyTorch checkpoint to ONNX with a model card",
+        description="Export a SAM2-UNet checkpoint (official layout, or wrapped under 'model' / "
+        "'state_dict') to ONNX: one input 'image', one output (the first logit map).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="the .pth / .pt state dict")
+    parser.add_argument(
+        "--config",
+        default="large",
+        help="architecture: large, base_plus, small, tiny, compact, ...",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (MatMul)")
+    parser.add_argument("--batch", choices=("dynamic", "1"), default="dynamic")
+    parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
+    parser.add_argument("--name", default=None, help="model name in the card (default: file stem)")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    """The `sam2unet export` command: load strictly, export, write the card."""
+    _import_torch()
+    from .checkpoints import load_sam2unet
+    from .modeling import get_config
+
+    try:
+        config = get_config(args.config)
+    except ValueError as error:
+        raise ModelError(str(error)) from None
+    model = load_sam2unet(args.checkpoint, config)
+    card_path = export_onnx(
+        model,
+        args.out,
+        config.name,
+        batch=args.batch,
+        layout=args.layout,
+        int8=args.int8,
+        checkpoint=args.checkpoint,
+        name=args.name,
+    )
+    print(f"wrote {args.out} and its model card {card_path}")
+    return 0
