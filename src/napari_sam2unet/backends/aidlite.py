@@ -1,0 +1,392 @@
+"""Qualcomm NPU backend: QNN context binaries (.bin) run through APLUX AidLite's `aidlite` module.
+
+`aidlite` exists only on the device (installed with AidLite, not on PyPI), so it is imported
+lazily and every call into it is checked: AidLite reports failures as non-zero return codes
+or None, never as exceptions, and a silent failure would return garbage masks.
+
+Quantised I/O follows QNN's convention, which the model card copies from the converter's
+output: real = (q + offset) * scale, so offset is usually negative (-128 for a symmetric
+uint8 tensor). The opposite "zero point" convention is real = (q - zero_point) * scale,
+i.e. offset = -zero_point.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError, ModelError
+from ..models import ModelCard, NpuBinary, sha256_file
+from .base import Backend
+
+# Overrides SoC detection, e.g. SAM2UNET_NPU_SOC=QCS6490 (also the way to pick a binary on a
+# board whose SoC name the kernel does not expose).
+SOC_ENV = "SAM2UNET_NPU_SOC"
+DTYPES: dict[str, type] = {
+    "float32": np.float32,
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "uint16": np.uint16,
+    "int16": np.int16,
+}
+# Where Linux on Qualcomm boards names the SoC (first readable wins).
+_SOC_FILES = (
+    "/sys/devices/soc0/machine",
+    "/proc/device-tree/compatible",
+    "/proc/device-tree/model",
+)
+_DOCS = "see docs/npu.md"
+
+
+def _install_hint(binary: NpuBinary | None) -> str:
+    qnn = _qnn_package(binary)
+    return (
+        f"it ships with APLUX AidLite on the Qualcomm device, not on PyPI: on the device run "
+        f"`sudo aid-pkg install aidlite-sdk {qnn}` and use a Python that sees the system "
+        f"packages ({_DOCS}), or use --backend cpu"
+    )
+
+
+def _qnn_package(binary: NpuBinary | None) -> str:
+    """The AidLite QNN runtime package matching a binary, e.g. aidlite-qnn223."""
+    digits = ""
+    if binary is not None:
+        match = re.fullmatch(r"TYPE_QNN(\d+)", binary.framework)
+        digits = match.group(1) if match else binary.qnn_version.replace(".", "")[:3]
+    return f"aidlite-qnn{digits}" if digits else "aidlite-qnnXXX (the QNN version of your .bin)"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def detect_soc() -> str | None:
+    """This device's Qualcomm SoC as the kernel names it (e.g. 'qcom,qcs8550'), or None."""
+    if os.environ.get(SOC_ENV):
+        return os.environ[SOC_ENV]
+    for path in _SOC_FILES:
+        try:
+            text = Path(path).read_bytes().replace(b"\0", b" ").decode(errors="ignore").strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
+
+
+def select_binary(card: ModelCard, soc: str | None = None) -> tuple[NpuBinary, str]:
+    """The card's .bin for this device's SoC, else the first; with a few words saying which."""
+    if not card.npu:
+        raise ModelError(
+            f"model {card.name} has no QNN context binary (.bin) in its card ({_DOCS})"
+        )
+    soc = soc if soc is not None else detect_soc()
+    if soc:
+        found = _norm(soc)
+        for binary in card.npu:
+            if binary.soc and _norm(binary.soc) in found:
+                return binary, f"built for {binary.soc}, this device's SoC"
+        # QCS/QCM variants of one chip share the NPU: match the number alone.
+        for binary in card.npu:
+            number = re.sub(r"\D", "", binary.soc)
+            if number and number in re.sub(r"\D", " ", soc).split():
+                return binary, f"built for {binary.soc}, same chip family as this device"
+        return (
+            card.npu[0],
+            f"no binary for this SoC ({soc.strip()[:40]}); trying the first, built for "
+            f"{card.npu[0].soc or 'an unnamed SoC'}",
+        )
+    first = card.npu[0]
+    return (
+        first,
+        f"SoC not detected; using the first binary, built for {first.soc or 'an unnamed SoC'}",
+    )
+
+
+def npu_unavailable_reason(card: ModelCard) -> str | None:
+    """None when the NPU can run this card, else all that is missing, in the user's terms."""
+    reasons = []
+    binary = None
+    if not card.npu:
+        reasons.append(f"model {card.name} has no QNN context binary (.bin) in its card ({_DOCS})")
+    else:
+        binary, _ = select_binary(card)
+        if not binary.file.is_file():
+            reasons.append(f"its QNN context binary {binary.file} is missing")
+    try:
+        import aidlite  # noqa: F401
+    except ImportError as error:
+        if getattr(error, "name", None) == "aidlite":
+            reasons.insert(
+                0, f"the Python module `aidlite` is not installed: {_install_hint(binary)}"
+            )
+        else:  # installed but broken, e.g. libaidlite.so not found
+            reasons.insert(
+                0,
+                f"the `aidlite` module is installed but does not import ({error}); reinstall "
+                f"aidlite-sdk ({_DOCS})",
+            )
+    return "; ".join(reasons) or None
+
+
+class AidliteBackend(Backend):
+    """Runs a card's QNN context binary on the NPU (DSP/HTP) through AidLite, a slice at a time."""
+
+    name = "npu"
+
+    def __init__(self, card: ModelCard, binary: NpuBinary | None = None, soc: str | None = None):
+        super().__init__(card)
+        if binary is None:
+            binary, self.choice = select_binary(card, soc)
+        else:
+            self.choice = "chosen by the caller"
+        self.binary = binary
+        self._check_binary()
+        try:
+            import aidlite
+        except ImportError as error:
+            raise BackendError(
+                f"the NPU backend needs the Python module `aidlite` ({error}): "
+                f"{_install_hint(binary)}"
+            ) from None
+        self._aidlite = aidlite
+        self._interpreter: Any = None
+        height, width = card.input.size
+        self._size = (height, width)
+        self._in_dtype = np.dtype(DTYPES[binary.input_dtype])
+        self._out_dtype = np.dtype(DTYPES[binary.output_dtype])
+        if binary.layout == "nhwc":
+            self._in_shape, self._out_shape = [1, height, width, 3], [1, height, width, 1]
+        else:
+            self._in_shape, self._out_shape = [1, 3, height, width], [1, 1, height, width]
+        self._open()
+
+    # -- checks and set-up ------------------------------------------------------------------
+
+    def _check_binary(self) -> None:
+        binary, where = self.binary, f"model card of {self.card.name}"
+        if binary.layout not in ("nchw", "nhwc"):
+            raise ModelError(
+                f"{where}: npu layout is {binary.layout!r}; use nhwc (AIMO's usual) or nchw"
+            )
+        for what in ("input", "output"):
+            dtype, scale = getattr(binary, f"{what}_dtype"), getattr(binary, f"{what}_scale")
+            if dtype not in DTYPES:
+                raise ModelError(
+                    f"{where}: npu {what}_dtype is {dtype!r}; use one of {', '.join(DTYPES)}"
+                )
+            if dtype != "float32" and not float(scale) > 0:
+                raise ModelError(
+                    f"{where}: npu {what}_scale must be > 0 for {dtype} I/O (copy it from the "
+                    "converter's output)"
+                )
+        if not binary.file.is_file():
+            raise ModelError(
+                f"QNN context binary {binary.file} is missing; convert the model for the NPU "
+                f"({_DOCS}) "
+                f"or remove its npu entry from the card"
+            )
+        if binary.sha256:
+            actual = sha256_file(binary.file)
+            if actual != binary.sha256:
+                raise ModelError(
+                    f"QNN context binary {binary.file.name} is corrupt or was replaced: sha256 "
+                    f"{actual[:12]}... "
+                    f"but the card says {binary.sha256[:12]}...; copy it again or update the card"
+                )
+
+    def _enum(self, kind: str, name: str, hint: str) -> Any:
+        members = getattr(self._aidlite, kind)
+        value = getattr(members, name, None)
+        if value is None:
+            known = sorted(n for n in dir(members) if n.startswith("TYPE_"))
+            raise BackendError(
+                f"this AidLite has no {kind}.{name} ({hint}); it offers "
+                f"{', '.join(known) or 'none'}"
+            )
+        return value
+
+    def _open(self) -> None:
+        aidlite, binary = self._aidlite, self.binary
+        qnn = _qnn_package(binary)
+        config = aidlite.Config.create_instance()
+        if config is None:
+            raise BackendError(
+                f"AidLite could not create a Config; reinstall aidlite-sdk ({_DOCS})"
+            )
+        config.implement_type = self._enum("ImplementType", "TYPE_LOCAL", "update aidlite-sdk")
+        config.framework_type = self._enum(
+            "FrameworkType",
+            binary.framework,
+            f"the card's binary needs it: install {qnn}, or convert for the QNN version this "
+            "device has",
+        )
+        config.accelerate_type = self._enum("AccelerateType", "TYPE_DSP", "update aidlite-sdk")
+        # A hint some AidLite versions read; quantised I/O is converted here either way.
+        config.is_quantify_model = int(binary.input_dtype != "float32")
+
+        model = aidlite.Model.create_instance(str(binary.file))
+        if model is None:
+            raise BackendError(
+                f"AidLite could not open {binary.file} (unreadable or not a model file)"
+            )
+        in_type = self._enum("DataType", f"TYPE_{binary.input_dtype.upper()}", "update aidlite-sdk")
+        out_type = self._enum(
+            "DataType", f"TYPE_{binary.output_dtype.upper()}", "update aidlite-sdk"
+        )
+        code = model.set_model_properties([self._in_shape], in_type, [self._out_shape], out_type)
+        if isinstance(code, int) and code != 0:
+            raise BackendError(
+                f"AidLite set_model_properties failed with code {code} for {binary.file.name}"
+            )
+
+        # AidLite releases spell it both ways: prefer the corrected name.
+        builder = aidlite.InterpreterBuilder
+        build = getattr(builder, "build_interpreter_from_model_and_config", None) or getattr(
+            builder, "build_interpretper_from_model_and_config", None
+        )
+        if build is None:
+            raise BackendError(
+                f"this aidlite module has no "
+                "InterpreterBuilder.build_interpreter_from_model_and_config; "
+                f"update aidlite-sdk ({_DOCS})"
+            )
+        self._interpreter = build(model, config)
+        if self._interpreter is None:
+            raise BackendError(
+                f"AidLite could not build an interpreter for {binary.file.name} "
+                f"({binary.framework} on the DSP); "
+                f"check that {qnn} is installed ({_DOCS})"
+            )
+        made_for = (
+            f"built for {binary.soc or 'an unnamed SoC'} with QNN {binary.qnn_version or '?'}"
+        )
+        self._step(
+            "init",
+            f"likely causes: the QNN runtime for {binary.framework} is not installed (sudo "
+            f"aid-pkg install {qnn}), "
+            f"or the DSP libraries (fastrpc/cDSP) are missing or not accessible to this user",
+        )
+        self._step(
+            "load_model",
+            f"the binary is {made_for}: it must match this device's SoC and the installed QNN "
+            "version, and its "
+            f"input must be {'x'.join(map(str, self._in_shape))} {binary.input_dtype} "
+            f"({binary.layout}); "
+            f"reconvert it for this device or fix the card's npu entry",
+        )
+
+    def _step(self, step: str, causes: str) -> None:
+        code = getattr(self._interpreter, step)()
+        if code != 0:
+            self.close()
+            raise BackendError(
+                f"AidLite {step}() failed with code {code} for {self.binary.file.name}: {causes} "
+                f"({_DOCS})"
+            )
+
+    # -- the Backend interface ----------------------------------------------------------------
+
+    @property
+    def max_batch(self) -> int:
+        return 1  # AidLite runs one image per invoke(); bigger batches are looped anyway
+
+    @property
+    def device(self) -> str:
+        version = ""
+        if hasattr(self._aidlite, "get_library_version"):
+            try:
+                version = f" {self._aidlite.get_library_version()}"
+            except Exception:  # a version string is decoration, never a failure
+                version = ""
+        soc = f", {self.binary.soc}" if self.binary.soc else ""
+        binary = self.binary
+        io = binary.input_dtype
+        return f"Qualcomm NPU via AidLite{version} ({binary.framework}, DSP{soc}, {io} I/O)"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if self._interpreter is None:
+            raise BackendError("the NPU backend was closed; open it again")
+        batch = np.asarray(batch, dtype=np.float32)
+        height, width = self._size
+        if batch.ndim != 4 or batch.shape[1:] != (3, height, width):
+            raise BackendError(
+                f"the NPU model takes Nx3x{height}x{width} slices, got "
+                f"{'x'.join(map(str, batch.shape))}"
+            )
+        out = np.empty((batch.shape[0], 1, height, width), dtype=np.float32)
+        for index, image in enumerate(batch):
+            if self.binary.layout == "nhwc":
+                image = image.transpose(1, 2, 0)
+            tensor = np.ascontiguousarray(self._quantise(image[None]))
+            code = self._interpreter.set_input_tensor(0, tensor)
+            if code not in (0, None):
+                raise BackendError(
+                    f"AidLite set_input_tensor() failed with code {code}: the binary does not take "
+                    f"{'x'.join(map(str, tensor.shape))} {tensor.dtype}; check the card's npu "
+                    "layout and input_dtype"
+                )
+            code = self._interpreter.invoke()
+            if code != 0:
+                raise BackendError(
+                    f"AidLite invoke() failed with code {code} on slice {index + 1} of "
+                    f"{batch.shape[0]}: "
+                    f"the NPU did not run the model (busy, out of memory or reset); retry, or use "
+                    "--backend cpu"
+                )
+            out[index, 0] = self._read_output().reshape(height, width)
+        return out
+
+    def _quantise(self, values: np.ndarray) -> np.ndarray:
+        if self._in_dtype == np.float32:
+            return values.astype(np.float32, copy=False)
+        info = np.iinfo(self._in_dtype)
+        # QNN: real = (q + offset) * scale  =>  q = round(real / scale - offset), saturated.
+        codes = np.rint(
+            values / np.float32(self.binary.input_scale) - np.float32(self.binary.input_offset)
+        )
+        return np.clip(codes, info.min, info.max).astype(self._in_dtype)
+
+    def _read_output(self) -> np.ndarray:
+        raw = self._interpreter.get_output_tensor(0)
+        if raw is None:
+            raise BackendError(
+                "AidLite get_output_tensor(0) returned nothing after a successful invoke(); "
+                "update aidlite-sdk"
+            )
+        raw = np.asarray(raw).reshape(-1)
+        count = self._size[0] * self._size[1]
+        dtype = self._out_dtype
+        if raw.dtype != dtype and raw.nbytes == count * dtype.itemsize and raw.size != count:
+            raw = raw.view(dtype)  # a raw byte buffer of the declared type
+        if raw.size != count:
+            raise BackendError(
+                f"AidLite returned {raw.size} output values, expected {count} "
+                f"({'x'.join(map(str, self._out_shape))}); the binary's output does not match the "
+                "card"
+            )
+        if dtype == np.float32 or raw.dtype.kind == "f":
+            # Float values are logits already (AidLite may dequantise itself).
+            return raw.astype(np.float32, copy=False)
+        return (raw.astype(np.float32) + np.float32(self.binary.output_offset)) * np.float32(
+            self.binary.output_scale
+        )
+
+    def close(self) -> None:
+        interpreter, self._interpreter = self._interpreter, None
+        if interpreter is None:
+            return
+        # Older AidLite spells it destory().
+        release = getattr(interpreter, "destroy", None) or getattr(interpreter, "destory", None)
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # never raise from a finaliser
+            pass
