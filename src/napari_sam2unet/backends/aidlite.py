@@ -42,12 +42,13 @@ _SOC_FILES = (
 _DOCS = "see docs/npu.md"
 
 
-def _install_hint(binary: NpuBinary | None) -> str:
+def _missing_aidlite(binary: NpuBinary | None) -> str:
+    """What is missing and how to get it: `aidlite` is not on PyPI."""
     qnn = _qnn_package(binary)
     return (
-        f"it ships with APLUX AidLite on the Qualcomm device, not on PyPI: on the device run "
-        f"`sudo aid-pkg install aidlite-sdk {qnn}` and use a Python that sees the system "
-        f"packages ({_DOCS}), or use --backend cpu"
+        "the Python module `aidlite` is not installed (it ships with APLUX AidLite on "
+        f"Qualcomm devices, not on PyPI); on the device run `sudo aid-pkg install aidlite-sdk "
+        f"{qnn}` and use a Python that sees the system packages ({_DOCS}), or use --backend cpu"
     )
 
 
@@ -121,9 +122,7 @@ def npu_unavailable_reason(card: ModelCard) -> str | None:
         import aidlite  # noqa: F401
     except ImportError as error:
         if getattr(error, "name", None) == "aidlite":
-            reasons.insert(
-                0, f"the Python module `aidlite` is not installed: {_install_hint(binary)}"
-            )
+            reasons.insert(0, _missing_aidlite(binary))
         else:  # installed but broken, e.g. libaidlite.so not found
             reasons.insert(
                 0,
@@ -149,9 +148,13 @@ class AidliteBackend(Backend):
         try:
             import aidlite
         except ImportError as error:
+            if getattr(error, "name", None) == "aidlite":
+                raise BackendError(
+                    f"the NPU backend cannot run: {_missing_aidlite(binary)}"
+                ) from None
             raise BackendError(
-                f"the NPU backend needs the Python module `aidlite` ({error}): "
-                f"{_install_hint(binary)}"
+                f"the `aidlite` module is installed but does not import ({error}); "
+                f"reinstall aidlite-sdk ({_DOCS})"
             ) from None
         self._aidlite = aidlite
         self._interpreter: Any = None
