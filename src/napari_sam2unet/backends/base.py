@@ -1,0 +1,51 @@
+"""The one interface every inference backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ..models import ModelCard
+
+
+class Backend(ABC):
+    """Runs a model card's model: N x 3 x H x W float32 (NCHW) in, N x 1 x H x W logits out.
+
+    Callers always pass NCHW; a backend whose model wants NHWC transposes inside.
+    """
+
+    name: str = "base"
+
+    def __init__(self, card: ModelCard):
+        self.card = card
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return self.card.input.shape
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch one call accepts (1 for models exported with batch 1)."""
+        return 1 if not self.card.input.dynamic_batch else 8
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """Human-readable description of where the model runs."""
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch of preprocessed slices."""
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device}) running {self.card.name}"

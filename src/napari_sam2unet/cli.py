@@ -1,0 +1,209 @@
+"""The `sam2unet` command: segment, models, info (and export, train, eval, bench where present)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, Sam2UnetError
+from .preprocess import WINDOW_CHOICES
+
+# Subcommands whose code lives beside the modules they drive: (module, add-parser function).
+_EXTRA_COMMANDS = [
+    ("napari_sam2unet.export", "add_export_parser"),
+    ("napari_sam2unet.training.train", "add_train_parser"),
+    ("napari_sam2unet.training.evaluate", "add_eval_parser"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam2unet", description="Segment MRI and CT volumes with SAM2-UNet.")
+    parser.add_argument("--version", action="version", version=f"napari-sam2unet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    seg = commands.add_parser("segment", help="segment a NIfTI volume and write a NIfTI label map")
+    seg.add_argument("image", type=Path, help="input .nii or .nii.gz")
+    seg.add_argument("--out", "-o", type=Path, required=True, help="output label map (.nii.gz)")
+    seg.add_argument("--box", action="append", default=[], metavar="K:I0,J0,I1,J1",
+                     help="box on slice K: rows [I0, I1), columns [J0, J1) of the other two axes; repeat for more")
+    seg.add_argument("--point", action="append", default=[], metavar="K:I,J[:neg]",
+                     help="point on slice K; ':neg' removes the region under it; repeat for more")
+    seg.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis (default 2, the last)")
+    seg.add_argument("--scope", default="auto", choices=("auto", "slices", "between", "propagate", "volume"),
+                     help="which slices: auto = all slices without prompts, between boxes on 2+ slices, "
+                          "else the prompted slices")
+    seg.add_argument("--model", default=None, help="model name or path to .onnx/.yaml (default: bundled)")
+    seg.add_argument("--backend", default="auto", choices=("auto", "cpu", "npu"))
+    seg.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    seg.add_argument("--window", default="auto", help=f"intensity window: {', '.join(WINDOW_CHOICES)} or LOW:HIGH")
+    seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model card's)")
+    seg.add_argument("--label", type=int, default=1, help="label value written for the structure (default 1)")
+    seg.add_argument("--volume-index", type=int, default=None, help="for 4D images: which volume (default 0)")
+    seg.add_argument("--replace-nonfinite", action="store_true", help="treat NaN/Inf voxels as the lowest intensity")
+    seg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    seg.add_argument("--no-sidecar", action="store_true", help="do not write the provenance .json beside --out")
+    seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    seg.set_defaults(func=run_segment)
+
+    models = commands.add_parser("models", help="list the models found and where")
+    models.set_defaults(func=run_models)
+    info = commands.add_parser("info", help="versions and available backends")
+    info.add_argument("--model", default=None, help="model to check backends for (default: bundled)")
+    info.set_defaults(func=run_info)
+
+    for module_name, function in _EXTRA_COMMANDS:
+        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) and _has_module(module_name):
+            getattr(importlib.import_module(module_name), function)(commands)
+    return parser
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from .backends import open_backend
+    from .engine import Engine
+    from .io import check_output_path, read_volume, write_labels
+    from .models import find_model
+    from .prompts import Prompts, parse_box, parse_point
+
+    if not 0 < args.label <= 65535:
+        raise Sam2UnetError(f"--label {args.label} is out of range; use 1 to 65535")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise Sam2UnetError(f"--threshold {args.threshold} must lie between 0 and 1")
+    prompts = Prompts([parse_box(b) for b in args.box], [parse_point(p) for p in args.point])
+    volume = read_volume(args.image, args.volume_index)
+    check_output_path(args.out, volume, args.overwrite)  # fail before minutes of work, not after
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    for note in volume.notes:
+        say(f"note: {note}")
+    card = find_model(args.model)
+    backend, why = open_backend(card, args.backend, threads=args.threads)
+    with backend:
+        engine = Engine(backend)
+        engine.set_volume(volume.data, volume.spacing, args.axis, args.window, args.replace_nonfinite)
+        say(f"model {card.name} on {backend.device}: {why}")
+        result = engine.segment(prompts, args.scope, args.threshold, progress=_progress_bar(args.quiet))
+    labels = result.labels(args.label)
+    sidecar = None if args.no_sidecar else _provenance(args, card, backend, why, engine, result, prompts)
+    write_labels(args.out, labels, volume, sidecar, overwrite=args.overwrite)
+    voxels = int(result.mask.sum())
+    model_share = 100 * result.backend_seconds / max(result.total_seconds, 1e-9)
+    say(f"segmented {len(result.slices)} slices in {result.total_seconds:.2f} s "
+        f"({1000 * result.seconds_per_slice:.0f} ms/slice, model {model_share:.0f}%);"
+        f" {voxels} voxels labelled {args.label}; wrote {args.out}")
+    if voxels == 0:
+        say("warning: nothing was segmented; check the prompts, --window or a lower --threshold")
+    return 0
+
+
+def _progress_bar(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="slice", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _provenance(args, card, backend, why, engine, result, prompts) -> dict:
+    return {
+        "generator": f"napari-sam2unet {__version__}",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source_image": str(Path(args.image).resolve()),
+        "label": args.label,
+        "model": {"name": card.name, "file": str(card.file), "sha256": card.sha256},
+        "backend": {"name": backend.name, "device": backend.device, "why": why},
+        "axis": args.axis,
+        "scope": engine.resolve_scope(prompts, args.scope),
+        "threshold": result.threshold,
+        "window": args.window,
+        "views": [view.label for view in engine.views],
+        "prompts": {
+            "boxes": [vars(b) for b in prompts.boxes],
+            "points": [vars(p) for p in prompts.points],
+        },
+        "slices": sorted(result.slices),
+        "seconds": round(result.total_seconds, 3),
+    }
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, list_models, search_dirs
+
+    cards = list_models()
+    print("searched: " + ", ".join(str(d) for d in search_dirs()))
+    if not cards:
+        print("no models found")
+        return 1
+    for card in cards:
+        mark = " (default)" if card.name == DEFAULT_MODEL else ""
+        shape = "x".join("N" if d < 1 else str(d) for d in card.input.shape)
+        npu = f", NPU: {', '.join(b.file.name for b in card.npu)}" if card.npu else ""
+        print(f"{card.name}{mark}: {card.file} input {shape} {card.input.layout}, "
+              f"crop {card.input.crop}, channels {card.input.channels}, threshold {card.threshold}{npu}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import numpy
+    import onnxruntime
+
+    from .backends.aidlite import npu_unavailable_reason
+    from .errors import ModelError
+    from .models import find_model
+
+    print(f"napari-sam2unet {__version__}")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"numpy {numpy.__version__}, onnxruntime {onnxruntime.__version__} "
+          f"(providers: {', '.join(onnxruntime.get_available_providers())})")
+    for name in ("torch", "napari", "aidlite"):
+        found = importlib.util.find_spec(name) is not None
+        print(f"{name}: {'installed' if found else 'not installed'}")
+    try:
+        card = find_model(args.model)
+    except ModelError as error:
+        print(f"model: {error}")
+        return 1
+    reason = npu_unavailable_reason(card)
+    print(f"model: {card.name} ({card.file})")
+    print("backend auto ->", "NPU (AidLite)" if reason is None else f"CPU; NPU not used: {reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Cancelled as error:
+        print(f"sam2unet: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("sam2unet: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Sam2UnetError as error:
+        print(f"sam2unet: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

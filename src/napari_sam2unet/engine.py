@@ -1,0 +1,351 @@
+"""Slice-by-slice segmentation: plan the slices, batch them through a backend, cache, post-process.
+
+The engine is the one place with segmentation logic; the CLI, the napari widget and the Python
+API all drive it. It is numpy in, numpy out, and never imports Qt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends.base import Backend
+from .errors import Cancelled, InputError
+from .postprocess import select_regions
+from .preprocess import Crop, View, crop_for_box, crop_for_slice, paste_back, plan_views, sample_crop, to_model_input
+from .prompts import Box, Prompts, interpolate_boxes
+
+SCOPES = ("auto", "slices", "between", "propagate", "volume")
+# Propagation stops when a slice's mask has fewer pixels than this.
+MIN_PROPAGATE_PIXELS = 4
+# Slices per backend call; on 2 cores batch 4 is no faster than 1, but amortises Python overhead.
+DEFAULT_BATCH = 4
+_PROB_SCALE = 65535.0
+
+
+@dataclass(frozen=True)
+class SliceTask:
+    """One model call's worth of work: a slice, the region the model sees, the box results keep to."""
+
+    slice: int
+    crop: Crop
+    clip: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class SliceResult:
+    tasks: list[SliceTask]
+    mask: np.ndarray
+
+
+@dataclass
+class SegmentationResult:
+    """Masks per slice, in the engine's volume and slice axis."""
+
+    shape: tuple[int, int, int]
+    axis: int
+    threshold: float
+    slices: dict[int, SliceResult] = field(default_factory=dict)
+    cancelled: bool = False
+    total_seconds: float = 0.0
+    backend_seconds: float = 0.0
+    backend_calls: int = 0
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The whole volume's mask (False on slices that were not segmented)."""
+        volume = np.zeros(self.shape, dtype=bool)
+        for k, result in self.slices.items():
+            index = [slice(None)] * 3
+            index[self.axis] = k
+            volume[tuple(index)] = result.mask
+        return volume
+
+    def labels(self, label: int = 1) -> np.ndarray:
+        return self.mask.astype(np.uint16 if label > 255 else np.uint8) * label
+
+    @property
+    def seconds_per_slice(self) -> float:
+        return self.total_seconds / max(1, len(self.slices))
+
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+class Engine:
+    """Segments a volume with one backend; caches model outputs so edits re-run only post-processing."""
+
+    def __init__(self, backend: Backend, batch_size: int = DEFAULT_BATCH):
+        self.backend = backend
+        self.card = backend.card
+        self.batch_size = max(1, min(batch_size, backend.max_batch))
+        self.size = self.card.input.size
+        self._cache: dict[tuple, np.ndarray] = {}
+        self._data: np.ndarray | None = None
+        self.backend_calls = 0
+        self.backend_seconds = 0.0
+
+    # --- the volume -------------------------------------------------------------------------
+
+    def set_volume(
+        self,
+        data: np.ndarray,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        axis: int = 2,
+        window: str = "auto",
+        replace_nonfinite: bool = False,
+    ) -> None:
+        """Choose the volume, its voxel sizes, the slice axis and the intensity window (once per volume)."""
+        data = np.asarray(data)
+        if data.ndim != 3:
+            raise InputError(f"the engine segments 3D volumes; this array has shape {data.shape}")
+        if axis not in (0, 1, 2):
+            raise InputError(f"slice axis {axis} does not exist; use 0, 1 or 2")
+        data = _finite(data, replace_nonfinite)
+        low, high = float(data.min()), float(data.max())
+        if low == high:
+            raise InputError(f"the image is constant (every voxel is {low:g}): there is nothing to segment")
+        same_volume = data is self._data or (self._data is not None and data.base is self._data)
+        if not same_volume:
+            self._cache.clear()
+        self._data = data
+        self.spacing = tuple(float(s) for s in spacing)
+        self.axis = axis
+        self.window = window
+        self.views: tuple[View, View, View] = plan_views(data, window, self.card.input.channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._data.shape
+
+    @property
+    def slice_spacing(self) -> tuple[float, float]:
+        return tuple(s for a, s in enumerate(self.spacing) if a != self.axis)
+
+    def slice_image(self, k: int) -> np.ndarray:
+        index = [slice(None)] * 3
+        index[self.axis] = k
+        return self._data[tuple(index)]  # a view; np.take would copy through a slow path
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return tuple(n for a, n in enumerate(self.shape) if a != self.axis)
+
+    # --- planning ----------------------------------------------------------------------------
+
+    def box_task(self, box: Box) -> SliceTask:
+        spec = self.card.input
+        crop = crop_for_box(box.rect, self.slice_spacing, spec.crop, spec.margin)
+        return SliceTask(box.slice, crop, box.rect)
+
+    def whole_slice_task(self, k: int) -> SliceTask:
+        return SliceTask(k, crop_for_slice(self.slice_shape, self.slice_spacing, self.card.input.crop), None)
+
+    def resolve_scope(self, prompts: Prompts, scope: str) -> str:
+        if scope not in SCOPES:
+            raise InputError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+        if scope != "auto":
+            return scope
+        if not prompts:
+            return "volume"
+        return "between" if len({b.slice for b in prompts.boxes}) >= 2 else "slices"
+
+    def plan(self, prompts: Prompts, scope: str = "auto") -> dict[int, list[SliceTask]]:
+        """The model calls each slice needs (propagation plans as it goes, so it is not here)."""
+        scope = self.resolve_scope(prompts, scope)
+        if scope == "propagate":
+            raise InputError("propagation is planned slice by slice; call segment()")
+        boxes: dict[int, list[Box]] = {}
+        for box in prompts.boxes:
+            boxes.setdefault(box.slice, []).append(box)
+        if scope == "between":
+            for k, box in interpolate_boxes(prompts.boxes).items():
+                boxes.setdefault(k, [box])
+        slices = set(boxes) | {p.slice for p in prompts.points}
+        if scope == "volume":
+            slices = set(range(self.shape[self.axis]))
+        plan = {}
+        for k in sorted(slices):
+            plan[k] = [self.box_task(b) for b in boxes[k]] if k in boxes else [self.whole_slice_task(k)]
+        return plan
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _key(self, task: SliceTask) -> tuple:
+        return (self.card.id, self.views, self.axis, task.slice, task.crop.key())
+
+    def _model_input(self, task: SliceTask) -> np.ndarray:
+        raw = sample_crop(self.slice_image(task.slice), task.crop, self.size)
+        return to_model_input(raw, self.views, self.card.input)
+
+    def _run_tasks(self, tasks: list[SliceTask]) -> None:
+        """Fill the cache for tasks that are not in it, in batches."""
+        todo = [t for t in tasks if self._key(t) not in self._cache]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            batch = np.stack([self._model_input(t) for t in chunk])
+            began = time.perf_counter()
+            logits = self.backend.predict(batch)
+            self.backend_seconds += time.perf_counter() - began
+            self.backend_calls += 1
+            if not np.all(np.isfinite(logits)):
+                raise InputError(f"the model {self.card.name} returned NaN or Inf; the model file may be broken")
+            for task, logit in zip(chunk, logits):
+                # Probabilities kept as uint16 (1/65535 steps): half the memory of float32, and
+                # converting is ~10x faster than to float16.
+                self._cache[self._key(task)] = (_sigmoid(logit[0]) * _PROB_SCALE + 0.5).astype(np.uint16)
+
+    def probability(self, task: SliceTask) -> np.ndarray:
+        """The model's probability for a task, in the slice's frame (zero outside the crop)."""
+        stored = self._cache[self._key(task)].astype(np.float32) * np.float32(1 / _PROB_SCALE)
+        return paste_back(stored, task.crop, self.slice_shape)
+
+    def postprocess(self, k: int, tasks: list[SliceTask], prompts: Prompts, threshold: float) -> np.ndarray:
+        """A slice's mask from cached probabilities: never calls the backend."""
+        positive = [(p.i, p.j) for p in prompts.points_on(k) if p.positive]
+        negative = [(p.i, p.j) for p in prompts.points_on(k) if not p.positive]
+        mask = np.zeros(self.slice_shape, dtype=bool)
+        for task in tasks:
+            mask |= select_regions(self.probability(task), threshold, task.clip, positive, negative)
+        return mask
+
+    def iter_segment(
+        self,
+        prompts: Prompts,
+        scope: str = "auto",
+        threshold: float | None = None,
+    ) -> Iterator[tuple[int, int, SegmentationResult]]:
+        """Segment slice by slice, yielding (done, total, result so far) after each batch."""
+        self._require_volume()
+        threshold = self.card.threshold if threshold is None else threshold
+        prompts = prompts.validate(self.shape, self.axis)
+        scope = self.resolve_scope(prompts, scope)
+        result = SegmentationResult(self.shape, self.axis, threshold)
+        began, backend_before, calls_before = time.perf_counter(), self.backend_seconds, self.backend_calls
+
+        def account():
+            result.total_seconds = time.perf_counter() - began
+            result.backend_seconds = self.backend_seconds - backend_before
+            result.backend_calls = self.backend_calls - calls_before
+
+        if scope == "propagate":
+            steps = self._propagate(prompts, threshold, result)
+        else:
+            steps = self._planned(prompts, scope, threshold, result)
+        for done, total in steps:
+            account()
+            yield done, total, result
+        account()
+
+    def _planned(self, prompts, scope, threshold, result):
+        plan = self.plan(prompts, scope)
+        order = list(plan)
+        total = len(order)
+        for start in range(0, total, self.batch_size):
+            group = order[start : start + self.batch_size]
+            self._run_tasks([t for k in group for t in plan[k]])
+            for k in group:
+                result.slices[k] = SliceResult(plan[k], self.postprocess(k, plan[k], prompts, threshold))
+            yield min(start + self.batch_size, total), total
+
+    def _propagate(self, prompts, threshold, result):
+        """From each prompted slice outwards, each slice cropped around its neighbour's mask."""
+        seeds = self.plan(prompts, "slices")
+        depth = self.shape[self.axis]
+        total, done = depth, 0
+        for k, tasks in seeds.items():
+            self._run_tasks(tasks)
+            result.slices[k] = SliceResult(tasks, self.postprocess(k, tasks, prompts, threshold))
+            done += 1
+            yield done, total
+        for k in seeds:
+            for step in (-1, 1):
+                previous, current = result.slices[k].mask, k + step
+                while 0 <= current < depth and current not in result.slices:
+                    box = _mask_box(previous, self.card.input.margin)
+                    if box is None:
+                        break
+                    task = self.box_task(Box(current, *box))
+                    self._run_tasks([task])
+                    mask = self.postprocess(current, [task], prompts, threshold)
+                    if mask.sum() < MIN_PROPAGATE_PIXELS:
+                        break
+                    result.slices[current] = SliceResult([task], mask)
+                    done += 1
+                    yield done, total
+                    previous, current = mask, current + step
+
+    def segment(
+        self,
+        prompts: Prompts | None = None,
+        scope: str = "auto",
+        threshold: float | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+    ) -> SegmentationResult:
+        """Run to the end (or until cancel() is true, which raises Cancelled)."""
+        result = None
+        for done, total, partial in self.iter_segment(prompts or Prompts(), scope, threshold):
+            result = partial
+            if progress:
+                progress(done, total)
+            if cancel and cancel():
+                raise Cancelled(f"cancelled after {done} of {total} slices; nothing was written")
+        if result is None:  # nothing planned: an empty result still carries the geometry
+            result = SegmentationResult(self.shape, self.axis, self.card.threshold if threshold is None else threshold)
+        return result
+
+    def refine(self, result: SegmentationResult, prompts: Prompts, threshold: float | None = None,
+               slices: list[int] | None = None) -> SegmentationResult:
+        """Re-apply threshold and points to segmented slices from the cache: no model call."""
+        prompts = prompts.validate(self.shape, self.axis)
+        if threshold is not None:
+            result.threshold = threshold
+        for k in slices if slices is not None else list(result.slices):
+            tasks = result.slices[k].tasks
+            result.slices[k] = SliceResult(tasks, self.postprocess(k, tasks, prompts, result.threshold))
+        return result
+
+    def _require_volume(self) -> None:
+        if self._data is None:
+            raise InputError("no volume set: call set_volume() first")
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+def _finite(data: np.ndarray, replace: bool) -> np.ndarray:
+    if np.issubdtype(data.dtype, np.integer):
+        return data
+    finite = np.isfinite(data)
+    if finite.all():
+        return data
+    bad = int(finite.size - finite.sum())
+    if not replace:
+        raise InputError(
+            f"the image has {bad} NaN or infinite voxels; fix the file or use --replace-nonfinite "
+            f"to treat them as the lowest intensity"
+        )
+    if not finite.any():
+        raise InputError("every voxel of the image is NaN or infinite: there is nothing to segment")
+    return np.where(finite, data, data[finite].min())
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
+
+
+def _mask_box(mask: np.ndarray, margin: float) -> tuple[float, float, float, float] | None:
+    """The mask's bounding box grown by the margin (and a voxel), to crop the next slice."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    grow_r, grow_c = (r1 - r0) * margin + 1, (c1 - c0) * margin + 1
+    return (max(0.0, r0 - grow_r), max(0.0, c0 - grow_c),
+            min(mask.shape[0], r1 + grow_r), min(mask.shape[1], c1 + grow_c))

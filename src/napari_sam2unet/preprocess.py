@@ -1,0 +1,241 @@
+"""Intensity windows, crops around boxes, resizing to the model input, and the exact inverse.
+
+Coordinates: a slice is a 2D array indexed [row, col]. A `Crop` is a rectangle in continuous
+slice coordinates where pixel (i, j) covers [i, i+1) x [j, j+1). Model pixel (u, v) of an SxS
+input covers the crop's (u/S, v/S) cell, so forward sampling and pasting back are exact
+inverses of one affine map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+from .models import InputSpec
+
+# CT windows as (level, width) in Hounsfield units.
+CT_PRESETS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40, 400),
+    "lung": (-600, 1500),
+    "bone": (400, 1800),
+    "brain": (40, 80),
+}
+MR_PERCENTILES = (0.5, 99.5)
+WINDOW_CHOICES = ("auto", "mr", *CT_PRESETS)
+# A box smaller than this (in pixels of the finer in-plane spacing) is enlarged: magnifying a
+# few pixels to the model's full input only shows it blur.
+MIN_CROP_PIXELS = 24
+# Percentiles are taken on at most this many voxels: the window is the same to the unit,
+# and a huge volume does not cost seconds.
+_PERCENTILE_SAMPLES = 2_000_000
+
+
+@dataclass(frozen=True)
+class View:
+    """Maps raw intensities to 0..255: linear between low and high, then a gamma."""
+
+    low: float
+    high: float
+    gamma: float = 1.0
+    label: str = ""
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        scaled = (np.asarray(raw, dtype=np.float32) - self.low) / max(self.high - self.low, 1e-6)
+        np.clip(scaled, 0.0, 1.0, out=scaled)
+        if self.gamma != 1.0:
+            np.power(scaled, self.gamma, out=scaled)
+        return scaled * 255.0
+
+
+def ct_view(preset: str) -> View:
+    level, width = CT_PRESETS[preset]
+    return View(level - width / 2, level + width / 2, 1.0, f"CT {preset} W{width:g}/L{level:g}")
+
+
+def guess_modality(volume: np.ndarray) -> str:
+    """'ct' when intensities look like Hounsfield units (air near -1000), else 'mr'."""
+    sample = _sample(volume)
+    low, high = np.percentile(sample, [1, 99])
+    return "ct" if low < -500 and high < 4000 else "mr"
+
+
+def _sample(volume: np.ndarray) -> np.ndarray:
+    flat = np.asarray(volume).reshape(-1)
+    step = max(1, flat.size // _PERCENTILE_SAMPLES)
+    return flat[::step].astype(np.float32)
+
+
+def plan_views(volume: np.ndarray, window: str = "auto", channels: str = "replicate") -> tuple[View, View, View]:
+    """The three input channels for a volume, computed once per volume.
+
+    window: 'auto' (CT soft tissue or MR percentiles, guessed from intensities), 'mr', a CT
+    preset name, or 'LOW:HIGH' in raw units. channels: 'replicate' (one view three times, as the
+    official models expect) or 'multiview' (the window plus two complementary views).
+    """
+    modality = "mr"
+    if window == "auto":
+        modality = guess_modality(volume)
+        window = "soft_tissue" if modality == "ct" else "mr"
+    if window in CT_PRESETS:
+        modality = "ct"
+        primary = ct_view(window)
+    elif window == "mr":
+        low, high = np.percentile(_sample(volume), MR_PERCENTILES)
+        primary = View(float(low), float(high), 1.0, f"MR percentiles {MR_PERCENTILES[0]}-{MR_PERCENTILES[1]}")
+    else:
+        primary = _custom_view(window)
+    if primary.high <= primary.low:
+        raise InputError(
+            f"the intensity window {primary.label} is empty ({primary.low:g} to {primary.high:g}): "
+            f"the image is nearly constant; choose a window with --window LOW:HIGH"
+        )
+    if channels == "replicate":
+        return primary, primary, primary
+    if modality == "ct":
+        others = [ct_view(name) for name in ("lung", "bone", "soft_tissue") if ct_view(name) != primary]
+        return primary, others[0], others[1]
+    # MR: the same range with a brightening and a darkening gamma shows faint and bright edges.
+    return (
+        primary,
+        View(primary.low, primary.high, 0.5, primary.label + " gamma 0.5"),
+        View(primary.low, primary.high, 2.0, primary.label + " gamma 2"),
+    )
+
+
+def _custom_view(window: str) -> View:
+    try:
+        low, high = (float(part) for part in window.split(":"))
+    except ValueError:
+        choices = ", ".join(WINDOW_CHOICES)
+        raise InputError(f"unknown window {window!r}: use one of {choices} or LOW:HIGH") from None
+    return View(low, high, 1.0, f"window {low:g}:{high:g}")
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A rectangle in continuous slice coordinates: rows [r0, r1), cols [c0, c1)."""
+
+    r0: float
+    c0: float
+    r1: float
+    c1: float
+
+    def key(self) -> tuple[float, float, float, float]:
+        """Rounded corners, for cache keys."""
+        return tuple(round(v, 3) for v in (self.r0, self.c0, self.r1, self.c1))
+
+
+def crop_for_box(
+    box: tuple[float, float, float, float],
+    spacing: tuple[float, float] = (1.0, 1.0),
+    mode: str = "square",
+    margin: float = 0.15,
+) -> Crop:
+    """The region the model sees for a box (r0, c0, r1, c1), half-open voxel ranges.
+
+    square: a physically square region around the box centre, the box's longer side plus
+    the margin on each side. box_aspect: the box plus the margin, keeping the box's shape.
+    """
+    r0, c0, r1, c1 = box
+    sr, sc = spacing
+    centre_r, centre_c = (r0 + r1) / 2, (c0 + c1) / 2
+    min_mm = MIN_CROP_PIXELS * min(sr, sc)
+    height_mm = max((r1 - r0) * sr * (1 + 2 * margin), min_mm)
+    width_mm = max((c1 - c0) * sc * (1 + 2 * margin), min_mm)
+    if mode == "square":
+        height_mm = width_mm = max(height_mm, width_mm)
+    half_r, half_c = height_mm / sr / 2, width_mm / sc / 2
+    return Crop(centre_r - half_r, centre_c - half_c, centre_r + half_r, centre_c + half_c)
+
+
+def crop_for_slice(shape: tuple[int, int], spacing: tuple[float, float] = (1.0, 1.0), mode: str = "square") -> Crop:
+    """The whole slice; square mode pads the shorter physical side so nothing is stretched."""
+    rows, cols = shape
+    if mode != "square":
+        return Crop(0.0, 0.0, float(rows), float(cols))
+    side_mm = max(rows * spacing[0], cols * spacing[1])
+    half_r, half_c = side_mm / spacing[0] / 2, side_mm / spacing[1] / 2
+    return Crop(rows / 2 - half_r, cols / 2 - half_c, rows / 2 + half_r, cols / 2 + half_c)
+
+
+def _axis_coords(start: float, stop: float, size: int) -> np.ndarray:
+    """Array-index coordinates (pixel centres) of the size model pixels spanning [start, stop)."""
+    return start + (np.arange(size, dtype=np.float32) + 0.5) * ((stop - start) / size) - 0.5
+
+
+def sample_crop(image: np.ndarray, crop: Crop, size: tuple[int, int], fill: float | None = None) -> np.ndarray:
+    """Resample a slice's crop to size (bilinear); outside the slice reads `fill` (default: its minimum)."""
+    rows = _axis_coords(crop.r0, crop.r1, size[0])
+    cols = _axis_coords(crop.c0, crop.c1, size[1])
+    image = np.asarray(image, dtype=np.float32)
+    if fill is None:
+        fill = float(image.min())
+    # Shrinking by more than ~1.5x aliases thin structures: smooth first, as a resize with
+    # antialiasing would.
+    zoom = ((crop.r1 - crop.r0) / size[0], (crop.c1 - crop.c0) / size[1])
+    sigma = [max(0.0, (z - 1) / 2) if z > 1.5 else 0.0 for z in zoom]
+    if any(sigma):
+        image = ndimage.gaussian_filter(image, sigma, mode="nearest")
+    # Sample the two axes separately (outer product), far cheaper than a full coordinate grid.
+    return _bilinear(image, rows, cols, fill)
+
+
+def _bilinear(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, fill: float) -> np.ndarray:
+    """Separable bilinear interpolation at rows x cols; points outside the image get fill."""
+    out = np.full((rows.size, cols.size), fill, dtype=np.float32)
+    h, w = image.shape
+    row_ok = (rows > -1) & (rows < h)
+    col_ok = (cols > -1) & (cols < w)
+    if not row_ok.any() or not col_ok.any():
+        return out
+    r, c = rows[row_ok], cols[col_ok]
+    # Half a pixel past the edge reads the edge pixel, as image resizers do.
+    r = np.clip(r, 0, h - 1)
+    c = np.clip(c, 0, w - 1)
+    r0 = np.minimum(np.floor(r).astype(np.int64), h - 2) if h > 1 else np.zeros_like(r, dtype=np.int64)
+    c0 = np.minimum(np.floor(c).astype(np.int64), w - 2) if w > 1 else np.zeros_like(c, dtype=np.int64)
+    fr = (r - r0).astype(np.float32)[:, None] if h > 1 else np.zeros((r.size, 1), np.float32)
+    fc = (c - c0).astype(np.float32)[None, :] if w > 1 else np.zeros((1, c.size), np.float32)
+    r1 = np.minimum(r0 + 1, h - 1)
+    c1 = np.minimum(c0 + 1, w - 1)
+    top = image[np.ix_(r0, c0)] * (1 - fc) + image[np.ix_(r0, c1)] * fc
+    bottom = image[np.ix_(r1, c0)] * (1 - fc) + image[np.ix_(r1, c1)] * fc
+    out[np.ix_(row_ok, col_ok)] = top * (1 - fr) + bottom * fr
+    return out
+
+
+def paste_back(values: np.ndarray, crop: Crop, shape: tuple[int, int]) -> np.ndarray:
+    """Map an SxS map in the crop's frame back onto a slice of `shape`; zero outside the crop."""
+    out = np.zeros(shape, dtype=np.float32)
+    size_r, size_c = values.shape
+    r_lo, r_hi = max(0, int(np.floor(crop.r0))), min(shape[0], int(np.ceil(crop.r1)))
+    c_lo, c_hi = max(0, int(np.floor(crop.c0))), min(shape[1], int(np.ceil(crop.c1)))
+    if r_lo >= r_hi or c_lo >= c_hi:
+        return out
+    # Slice pixel centre i + 0.5 -> model index ((i + 0.5) - r0) * S / (r1 - r0) - 0.5.
+    rows = (np.arange(r_lo, r_hi) + 0.5 - crop.r0) * (size_r / (crop.r1 - crop.r0)) - 0.5
+    cols = (np.arange(c_lo, c_hi) + 0.5 - crop.c0) * (size_c / (crop.c1 - crop.c0)) - 0.5
+    # Pixels whose centre lies outside the crop stay zero.
+    row_in = (rows >= -0.5) & (rows < size_r - 0.5)
+    col_in = (cols >= -0.5) & (cols < size_c - 0.5)
+    block = _bilinear(values.astype(np.float32, copy=False), rows, cols, 0.0)
+    block[~row_in, :] = 0.0
+    block[:, ~col_in] = 0.0
+    out[r_lo:r_hi, c_lo:c_hi] = block
+    return out
+
+
+def to_model_input(raw_crop: np.ndarray, views: tuple[View, View, View], spec: InputSpec) -> np.ndarray:
+    """3 x H x W float32: each view to 0..255, then the card's scale, mean and std."""
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    channels = []
+    cache: dict[View, np.ndarray] = {}
+    for index, view in enumerate(views):
+        if view not in cache:
+            cache[view] = view.apply(raw_crop) * np.float32(spec.scale)
+        channels.append((cache[view] - mean[index]) / std[index])
+    return np.stack(channels).astype(np.float32, copy=False)

@@ -1,0 +1,86 @@
+"""Shared fixtures: real ONNX models with the SAM2-UNet contract, real NIfTI files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_sam2unet.models import ModelCard, load_card, sha256_file, write_card
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def build_brightness_model(path: Path, size: int = 352, batch: int | str = "N", gain: float = 8.0) -> Path:
+    """A real ONNX model with the SAM2-UNet contract: logits = gain * mean over channels.
+
+    With ImageNet normalisation a pixel brighter than ~45% of the window gets positive logits,
+    so "bright structure" is the object: enough to check every step around the model.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, size, size])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, size, size])
+    gain_tensor = helper.make_tensor("gain", TensorProto.FLOAT, [], [gain])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Mul", ["mean", "gain"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "brightness", [image], [logits], [gain_tensor, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_test_card(onnx_path: Path, **input_overrides) -> ModelCard:
+    """A model card beside a test model, with the official preprocessing unless overridden."""
+    size = 352
+    data = {
+        "name": onnx_path.stem,
+        "file": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "input": {"shape": [-1, 3, size, size], "layout": "nchw", "name": "image", **input_overrides},
+        "output": {"shape": [-1, 1, size, size]},
+        "threshold": 0.5,
+        "licence": "test model",
+    }
+    write_card(data, onnx_path.with_suffix(".yaml"))
+    return load_card(onnx_path.with_suffix(".yaml"))
+
+
+@pytest.fixture
+def brightness_card(tmp_path: Path) -> ModelCard:
+    """Card of a real ONNX model that segments bright regions."""
+    return write_test_card(build_brightness_model(tmp_path / "brightness.onnx"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real scans not found at {SHARED_DATA} (shared/ must sit beside the repository)")
+    return SHARED_DATA
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """A real NIfTI file with a given array and affine (default: 1 mm, RAS)."""
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+def sphere_volume(shape=(48, 40, 12), centre=(24, 20, 6), radius=8.0, background=100.0, foreground=900.0):
+    """A bright ball in a dim volume (MR-like units) and its true mask."""
+    grid = np.indices(shape).astype(np.float32)
+    distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+    mask = distance <= radius
+    rng = np.random.default_rng(0)
+    data = np.where(mask, foreground, background).astype(np.float32) + rng.normal(0, 5, shape).astype(np.float32)
+    return data, mask

@@ -1,0 +1,166 @@
+"""The engine with real onnxruntime sessions: planning, caching, scopes, cancel, bad input."""
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import build_brightness_model, sphere_volume, write_test_card
+
+from napari_sam2unet.backends import open_backend
+from napari_sam2unet.backends.onnx import OnnxBackend
+from napari_sam2unet.engine import Engine
+from napari_sam2unet.errors import Cancelled, InputError, ModelError
+from napari_sam2unet.models import find_model
+from napari_sam2unet.prompts import Box, Point, Prompts
+
+
+class CountingBackend(OnnxBackend):
+    """The real ONNX backend, counting the slices it is asked for."""
+
+    def __init__(self, card):
+        super().__init__(card, threads=1)
+        self.slices_seen = 0
+
+    def predict(self, batch):
+        self.slices_seen += batch.shape[0]
+        return super().predict(batch)
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture
+def engine(brightness_card):
+    data, truth = sphere_volume()
+    engine = Engine(CountingBackend(brightness_card))
+    engine.set_volume(data, (1.0, 1.0, 2.0))
+    engine.truth = truth
+    return engine
+
+
+def test_box_segments_its_slice_only(engine):
+    result = engine.segment(Prompts([Box(6, 10, 8, 38, 32)]))
+    assert sorted(result.slices) == [6]
+    assert dice(result.slices[6].mask, engine.truth[:, :, 6]) > 0.95
+    assert not result.mask[:, :, 5].any()
+
+
+def test_no_prompt_segments_every_slice(engine):
+    result = engine.segment()
+    assert sorted(result.slices) == list(range(12))
+    assert dice(result.mask, engine.truth) > 0.95
+
+
+def test_boxes_on_two_slices_fill_the_slices_between(engine):
+    result = engine.segment(Prompts([Box(3, 12, 10, 36, 30), Box(9, 12, 10, 36, 30)]))
+    assert sorted(result.slices) == list(range(3, 10))
+
+
+def test_propagation_follows_the_structure_until_it_vanishes(engine):
+    result = engine.segment(Prompts([Box(6, 10, 8, 38, 32)]), scope="propagate")
+    covered = sorted(result.slices)
+    truth_slices = [k for k in range(12) if engine.truth[:, :, k].sum() >= 4]
+    assert covered == truth_slices
+    assert dice(result.mask, engine.truth) > 0.9
+
+
+def test_threshold_and_point_edits_rerun_only_postprocessing(tmp_path):
+    # gain 1: probabilities spread over (0, 1) so a threshold change changes the mask.
+    card = write_test_card(build_brightness_model(tmp_path / "soft.onnx", gain=1.0))
+    engine = Engine(CountingBackend(card))
+    engine.set_volume(sphere_volume()[0])
+    result = engine.segment(Prompts([Box(6, 4, 4, 44, 36)]))
+    calls = engine.backend.slices_seen
+    assert calls == 1
+    before = result.slices[6].mask.sum()
+    engine.refine(result, Prompts([Box(6, 4, 4, 44, 36)]), threshold=0.9)
+    assert result.slices[6].mask.sum() < before
+    engine.refine(result, Prompts([Box(6, 4, 4, 44, 36)], [Point(6, 2, 2, positive=False)]), threshold=0.5)
+    assert result.slices[6].mask.sum() == before
+    again = engine.segment(Prompts([Box(6, 4, 4, 44, 36)], [Point(6, 24, 20)]), threshold=0.3)
+    assert again.slices[6].mask.any()
+    assert engine.backend.slices_seen == calls  # same crop: served from the cache
+
+
+def test_progress_is_reported_and_cancel_stops_without_a_result(engine):
+    seen = []
+    engine.segment(progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (12, 12) and len(seen) >= 3
+    engine.clear_cache()
+    stop = threading.Event()
+    with pytest.raises(Cancelled, match="nothing was written"):
+        engine.segment(progress=lambda done, total: stop.set(), cancel=stop.is_set)
+    assert engine.backend.slices_seen < 2 * 12
+
+
+def test_nan_and_constant_volumes_are_refused_with_advice(engine):
+    data, _ = sphere_volume()
+    data[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="1 NaN or infinite voxels.*--replace-nonfinite"):
+        engine.set_volume(data)
+    engine.set_volume(data, replace_nonfinite=True)
+    assert engine.segment(Prompts([Box(6, 10, 8, 38, 32)])).slices[6].mask.any()
+    with pytest.raises(InputError, match="constant"):
+        engine.set_volume(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(InputError, match="3D"):
+        engine.set_volume(np.zeros((8, 8), np.float32))
+
+
+def test_slice_axis_choice(engine):
+    data, truth = sphere_volume()
+    engine.set_volume(data, axis=0)
+    result = engine.segment(Prompts([Box(24, 10, 0, 30, 12)]))
+    assert dice(result.mask[24], truth[24]) > 0.9
+
+
+def test_model_with_the_wrong_input_size_is_refused(tmp_path):
+    path = build_brightness_model(tmp_path / "big.onnx", size=512)
+    card = write_test_card(path)
+    with pytest.raises(ModelError, match="takes input Nx3x512x512 but its card says Nx3x352x352"):
+        OnnxBackend(card)
+
+
+def test_corrupt_or_replaced_model_file_is_refused(tmp_path, brightness_card):
+    brightness_card.file.write_bytes(b"garbage" * 100)
+    with pytest.raises(ModelError, match="corrupt or was replaced"):
+        find_model(brightness_card.card_path)
+    unchecked = find_model(brightness_card.card_path, verify=False)
+    with pytest.raises(ModelError, match="not a loadable ONNX model"):
+        OnnxBackend(unchecked)
+
+
+def test_fixed_batch_models_are_fed_one_slice_at_a_time(tmp_path):
+    card = write_test_card(build_brightness_model(tmp_path / "b1.onnx", batch=1), shape=[1, 3, 352, 352])
+    backend, why = open_backend(card, "cpu")
+    assert backend.max_batch == 1 and "CPU" in why
+    data, truth = sphere_volume()
+    engine = Engine(backend)
+    engine.set_volume(data)
+    assert dice(engine.segment().mask, truth) > 0.95
+
+
+def test_nhwc_models_get_nhwc_input(tmp_path):
+    """An NHWC model built so its output is only right if the engine transposes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 352, 352, 3])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 352, 352, 1])
+    nodes = [
+        helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Mul", ["mean", "gain"], ["logits"]),
+    ]
+    init = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [3]),
+        helper.make_tensor("gain", TensorProto.FLOAT, [], [8.0]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "nhwc", [image], [logits], init),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nhwc.onnx"))
+    card = write_test_card(tmp_path / "nhwc.onnx", shape=[-1, 352, 352, 3], layout="nhwc")
+    data, truth = sphere_volume()
+    engine = Engine(OnnxBackend(card))
+    engine.set_volume(data)
+    assert dice(engine.segment().mask, truth) > 0.95

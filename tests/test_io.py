@@ -1,0 +1,155 @@
+"""NIfTI reading and writing: geometry survives, bad files get clear messages, nothing is lost."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import write_nifti
+
+from napari_sam2unet.errors import InputError
+from napari_sam2unet.io import read_volume, write_labels
+
+
+def _all_volumes(shared_data):
+    return sorted(shared_data.rglob("*.nii.gz"))
+
+
+def test_every_shared_volume_round_trips_with_itk_geometry(shared_data, tmp_path):
+    """A label map saved for any scan opens in ITK (Slicer, ITK-SNAP) exactly on that scan."""
+    paths = _all_volumes(shared_data)
+    assert len(paths) >= 10
+    for path in paths:
+        volume = read_volume(path)
+        labels = (volume.data > np.median(volume.data)).astype(np.uint8)
+        out = write_labels(tmp_path / f"{path.name}-labels.nii.gz", labels, volume)
+        source, written = sitk.ReadImage(str(path)), sitk.ReadImage(str(out))
+        assert written.GetSize() == source.GetSize()
+        np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-5)
+        back = nib.load(str(out))
+        assert back.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+        np.testing.assert_allclose(back.affine, volume.affine, atol=1e-5)
+        assert back.header["sform_code"] == volume.header["sform_code"]
+        assert back.header["qform_code"] == volume.header["qform_code"]
+
+
+def test_reading_keeps_intensities_and_orientation(shared_data):
+    volume = read_volume(shared_data / "totalseg" / "example_mr_sm.nii.gz")
+    raw = nib.load(str(shared_data / "totalseg" / "example_mr_sm.nii.gz"))
+    np.testing.assert_allclose(volume.data, raw.get_fdata(), rtol=1e-6)
+    assert volume.orientation == "".join(nib.aff2axcodes(raw.affine)) == "LPS"
+    assert volume.spacing == (3.0, 3.0, 3.0)
+
+
+def test_many_labels_are_written_as_uint16(tmp_path):
+    volume = read_volume(write_nifti(tmp_path / "img.nii.gz", np.random.rand(8, 8, 4).astype(np.float32)))
+    labels = np.zeros((8, 8, 4), dtype=np.int32)
+    labels[0, 0, 0] = 300
+    out = write_labels(tmp_path / "labels.nii.gz", labels, volume)
+    back = nib.load(str(out))
+    assert back.get_data_dtype() == np.uint16
+    assert int(np.asarray(back.dataobj).max()) == 300
+
+
+def test_2d_image_is_one_slice_and_written_back_2d(tmp_path):
+    path = write_nifti(tmp_path / "slice.nii.gz", np.random.rand(20, 16).astype(np.float32))
+    volume = read_volume(path)
+    assert volume.data.shape == (20, 16, 1)
+    assert "2D" in volume.notes[0]
+    out = write_labels(tmp_path / "labels.nii.gz", np.ones((20, 16, 1), np.uint8), volume)
+    assert nib.load(str(out)).shape == (20, 16)
+
+
+def test_4d_image_uses_the_chosen_volume_and_says_so(tmp_path):
+    data = np.stack([np.full((6, 5, 4), float(i)) for i in range(3)], axis=-1).astype(np.float32)
+    path = write_nifti(tmp_path / "series.nii.gz", data)
+    first = read_volume(path)
+    assert first.data.shape == (6, 5, 4) and first.data.max() == 0
+    assert "4D with 3 volumes: using volume 0" in first.notes[0]
+    assert read_volume(path, volume_index=2).data.max() == 2
+    with pytest.raises(InputError, match="choose a volume index from 0 to 2"):
+        read_volume(path, volume_index=3)
+    labels = np.ones((6, 5, 4), np.uint8)
+    out = write_labels(tmp_path / "labels.nii.gz", labels, first)
+    assert nib.load(str(out)).shape == (6, 5, 4)
+
+
+def test_trailing_singleton_dimensions_are_dropped(tmp_path):
+    path = write_nifti(tmp_path / "img5d.nii.gz", np.random.rand(6, 5, 4, 1, 1).astype(np.float32))
+    assert read_volume(path).data.shape == (6, 5, 4)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b"not an image at all" * 20), "cannot read"),
+        (lambda p: p.write_bytes(gzip.compress(b"\x00" * 10)), "cannot read"),
+    ],
+)
+def test_unreadable_files_get_a_clear_message(tmp_path, make, message):
+    path = tmp_path / "broken.nii.gz"
+    make(path)
+    with pytest.raises(InputError, match=message):
+        read_volume(path)
+
+
+def test_truncated_file_is_reported_as_truncated(shared_data, tmp_path):
+    whole = (shared_data / "totalseg" / "example_mr_sm.nii.gz").read_bytes()
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="truncated or corrupt|cannot read"):
+        read_volume(path)
+
+
+def test_wrong_extension_and_missing_file(tmp_path):
+    other = tmp_path / "scan.png"
+    other.write_bytes(b"\x89PNG")
+    with pytest.raises(InputError, match="not a NIfTI file"):
+        read_volume(other)
+    with pytest.raises(InputError, match="does not exist"):
+        read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_writing_never_replaces_the_source_or_an_existing_file(tmp_path):
+    path = write_nifti(tmp_path / "img.nii.gz", np.random.rand(6, 5, 4).astype(np.float32))
+    volume = read_volume(path)
+    before = path.read_bytes()
+    labels = np.ones((6, 5, 4), np.uint8)
+    with pytest.raises(InputError, match="is the input image"):
+        write_labels(path, labels, volume, overwrite=True)
+    assert path.read_bytes() == before
+    out = write_labels(tmp_path / "labels.nii.gz", labels, volume)
+    kept = out.read_bytes()
+    with pytest.raises(InputError, match="already exists"):
+        write_labels(out, labels * 2, volume)
+    assert out.read_bytes() == kept
+    write_labels(out, labels * 2, volume, overwrite=True)
+    assert int(np.asarray(nib.load(str(out)).dataobj).max()) == 2
+
+
+def test_sidecar_and_no_leftover_temporary_files(tmp_path):
+    volume = read_volume(write_nifti(tmp_path / "img.nii.gz", np.random.rand(6, 5, 4).astype(np.float32)))
+    write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"model": "x"})
+    assert (tmp_path / "seg.json").read_text().count('"model": "x"') == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii.gz", "seg.json", "seg.nii.gz"]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    volume = read_volume(write_nifti(tmp_path / "img.nii.gz", np.random.rand(6, 5, 4).astype(np.float32)))
+    with pytest.raises(InputError, match="does not match"):
+        write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 3), np.uint8), volume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii.gz"]
+
+
+def test_nifti2_keeps_its_format(tmp_path):
+    image = nib.Nifti2Image(np.random.rand(6, 5, 4).astype(np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    nib.save(image, str(tmp_path / "img2.nii"))
+    volume = read_volume(tmp_path / "img2.nii")
+    out = write_labels(tmp_path / "seg.nii", np.ones((6, 5, 4), np.uint8), volume)
+    back = nib.load(str(out))
+    assert isinstance(back, nib.Nifti2Image)
+    np.testing.assert_allclose(back.header.get_zooms(), (2.0, 2.0, 3.0))

@@ -1,0 +1,89 @@
+"""Prompts (parsing, checks, interpolation) and the masks post-processing makes of them."""
+
+import numpy as np
+import pytest
+
+from napari_sam2unet.errors import PromptError
+from napari_sam2unet.postprocess import select_regions
+from napari_sam2unet.prompts import Box, Point, Prompts, interpolate_boxes, parse_box, parse_point
+
+
+def test_parse_box_and_point():
+    assert parse_box("10:40,52,80,96") == Box(10, 40, 52, 80, 96)
+    assert parse_point("3:5,6") == Point(3, 5, 6, True)
+    assert parse_point("3:5,6:neg") == Point(3, 5, 6, False)
+    for bad in ("10:40,52,80", "x:1,2,3,4", "40,52,80,96"):
+        with pytest.raises(PromptError, match="K:I0,J0,I1,J1"):
+            parse_box(bad)
+    with pytest.raises(PromptError, match="K:I,J"):
+        parse_point("3:5,6:maybe")
+
+
+def test_validate_rejects_prompts_outside_the_volume_and_clips_boxes():
+    shape = (50, 40, 10)
+    with pytest.raises(PromptError, match="slices 0 to 9"):
+        Prompts([Box(10, 0, 0, 5, 5)]).validate(shape, 2)
+    with pytest.raises(PromptError, match="outside the slice"):
+        Prompts(points=[Point(2, 60, 5)]).validate(shape, 2)
+    with pytest.raises(PromptError, match="outside the slice"):
+        Prompts([Box(2, 60, 0, 70, 5)]).validate(shape, 2)
+    with pytest.raises(PromptError, match="empty"):
+        Prompts([Box(2, 5, 5, 5, 9)]).validate(shape, 2)
+    clipped = Prompts([Box(2, 45, 30, -5, 50)]).validate(shape, 2)
+    assert clipped.boxes == [Box(2, 0, 30, 45, 40)]
+
+
+def test_boxes_on_two_slices_interpolate_between_them():
+    boxes = interpolate_boxes([Box(2, 0, 0, 10, 10), Box(6, 4, 8, 14, 30)])
+    assert sorted(boxes) == [2, 3, 4, 5, 6]
+    assert boxes[4] == Box(4, 2, 4, 12, 20)
+
+
+def test_a_slice_with_two_boxes_is_not_interpolated_across():
+    boxes = interpolate_boxes([Box(0, 0, 0, 4, 4), Box(2, 0, 0, 4, 4), Box(2, 5, 5, 9, 9), Box(4, 0, 0, 4, 4)])
+    assert sorted(boxes) == [0, 4]
+
+
+def _two_blobs():
+    probability = np.zeros((40, 40), np.float32)
+    probability[5:15, 5:15] = 0.9
+    probability[25:35, 25:35] = 0.8
+    return probability
+
+
+def test_threshold_and_box_clip():
+    probability = _two_blobs()
+    assert select_regions(probability, 0.5).sum() == 200
+    assert select_regions(probability, 0.85).sum() == 100
+    assert select_regions(probability, 0.5, box=(0, 0, 10, 40)).sum() == 50
+
+
+def test_positive_point_keeps_its_region_negative_point_removes_its():
+    probability = _two_blobs()
+    kept = select_regions(probability, 0.5, positive=[(30, 30)])
+    assert kept.sum() == 100 and kept[30, 30] and not kept[10, 10]
+    removed = select_regions(probability, 0.5, negative=[(10, 10)])
+    assert removed.sum() == 100 and not removed[10, 10]
+
+
+def test_positive_point_on_a_weak_region_grows_by_hysteresis():
+    probability = _two_blobs()
+    probability[20:24, 0:4] = 0.3
+    grown = select_regions(probability, 0.5, positive=[(21, 1)])
+    assert grown.sum() == 16
+    assert select_regions(np.zeros((10, 10), np.float32), 0.5, positive=[(5, 5)]).sum() == 0
+
+
+def test_negative_point_in_a_region_with_a_positive_point_trims_it():
+    probability = np.zeros((20, 40), np.float32)
+    probability[5:15, 2:38] = 0.9
+    mask = select_regions(probability, 0.5, positive=[(10, 5)], negative=[(10, 35)])
+    assert mask[10, 5] and not mask[10, 35] and 0 < mask.sum() < 360
+
+
+def test_holes_are_filled():
+    probability = np.zeros((20, 20), np.float32)
+    probability[2:18, 2:18] = 0.9
+    probability[8:12, 8:12] = 0.1
+    assert select_regions(probability, 0.5).sum() == 256
+    assert select_regions(probability, 0.5, fill_holes=False).sum() == 240
