@@ -185,26 +185,29 @@ def sample_crop(image: np.ndarray, crop: Crop, size: tuple[int, int], fill: floa
 
 def _bilinear(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, fill: float) -> np.ndarray:
     """Separable bilinear interpolation at rows x cols; points outside the image get fill."""
+    row_ok = (rows > -1) & (rows < image.shape[0])
+    col_ok = (cols > -1) & (cols < image.shape[1])
     out = np.full((rows.size, cols.size), fill, dtype=np.float32)
-    h, w = image.shape
-    row_ok = (rows > -1) & (rows < h)
-    col_ok = (cols > -1) & (cols < w)
     if not row_ok.any() or not col_ok.any():
         return out
-    r, c = rows[row_ok], cols[col_ok]
-    # Half a pixel past the edge reads the edge pixel, as image resizers do.
-    r = np.clip(r, 0, h - 1)
-    c = np.clip(c, 0, w - 1)
-    r0 = np.minimum(np.floor(r).astype(np.int64), h - 2) if h > 1 else np.zeros_like(r, dtype=np.int64)
-    c0 = np.minimum(np.floor(c).astype(np.int64), w - 2) if w > 1 else np.zeros_like(c, dtype=np.int64)
-    fr = (r - r0).astype(np.float32)[:, None] if h > 1 else np.zeros((r.size, 1), np.float32)
-    fc = (c - c0).astype(np.float32)[None, :] if w > 1 else np.zeros((1, c.size), np.float32)
-    r1 = np.minimum(r0 + 1, h - 1)
-    c1 = np.minimum(c0 + 1, w - 1)
-    top = image[np.ix_(r0, c0)] * (1 - fc) + image[np.ix_(r0, c1)] * fc
-    bottom = image[np.ix_(r1, c0)] * (1 - fc) + image[np.ix_(r1, c1)] * fc
-    out[np.ix_(row_ok, col_ok)] = top * (1 - fr) + bottom * fr
+    # Rows first (a gather of whole rows), then columns: half the work of a 2D gather.
+    r0, r1, fr = _neighbours(rows[row_ok], image.shape[0])
+    c0, c1, fc = _neighbours(cols[col_ok], image.shape[1])
+    by_rows = image[r0] * (1 - fr)[:, None] + image[r1] * fr[:, None]
+    block = by_rows[:, c0] * (1 - fc) + by_rows[:, c1] * fc
+    if row_ok.all() and col_ok.all():
+        return block
+    out[np.ix_(row_ok, col_ok)] = block
     return out
+
+
+def _neighbours(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower and upper neighbour indices and the weight of the upper one; half a pixel past
+    the edge reads the edge pixel, as image resizers do."""
+    coords = np.clip(coords, 0, n - 1)
+    low = np.minimum(np.floor(coords).astype(np.int64), max(n - 2, 0))
+    high = np.minimum(low + 1, n - 1)
+    return low, high, (coords - low).astype(np.float32)
 
 
 def paste_back(values: np.ndarray, crop: Crop, shape: tuple[int, int]) -> np.ndarray:
