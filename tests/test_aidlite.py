@@ -32,11 +32,12 @@ INPUT_RANGE = (-2.1179, 2.6400)
 # -- fixtures -------------------------------------------------------------------------------
 
 
-def build_probe_model(path: Path) -> Path:
+def build_probe_model(path: Path, layout: str = "nchw") -> Path:
     """A real ONNX model whose logits depend on channel order and on orientation.
 
     A 5x5 convolution with different, asymmetric kernels per input channel, squashed to
     +-12: swapping channels, transposing H and W or mixing up NHWC/NCHW change its masks.
+    layout nhwc: the same model taking N x H x W x 3 (as `sam2unet export --layout nhwc`).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -50,8 +51,11 @@ def build_probe_model(path: Path) -> Path:
             0.5 * bump * (1.0 + 0.8 * grid[1] - 0.3 * grid[0]),
         ]
     )[None].astype(np.float32)
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, SIZE, SIZE])
+    nhwc = layout == "nhwc"
+    in_shape = ["N", SIZE, SIZE, 3] if nhwc else ["N", 3, SIZE, SIZE]
+    out_shape = ["N", SIZE, SIZE, 1] if nhwc else ["N", 1, SIZE, SIZE]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, in_shape)
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)
     initialisers = [
         numpy_helper.from_array(weights, "w"),
         numpy_helper.from_array(np.array([9.5], np.float32), "b"),
@@ -59,10 +63,16 @@ def build_probe_model(path: Path) -> Path:
     ]
     # Like a trained network, the logits saturate away from the object's edge.
     nodes = [
-        helper.make_node("Conv", ["image", "w", "b"], ["response"], pads=[2, 2, 2, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["response"], pads=[2, 2, 2, 2]),
         helper.make_node("Tanh", ["response"], ["squashed"]),
-        helper.make_node("Mul", ["squashed", "gain"], ["logits"]),
+        helper.make_node("Mul", ["squashed", "gain"], ["nchw_logits"]),
     ]
+    if nhwc:
+        nodes.insert(0, helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]))
+        nodes.append(helper.make_node("Transpose", ["nchw_logits"], ["logits"], perm=[0, 2, 3, 1]))
+    else:
+        nodes.insert(0, helper.make_node("Identity", ["image"], ["nchw"]))
+        nodes.append(helper.make_node("Identity", ["nchw_logits"], ["logits"]))
     graph = helper.make_graph(nodes, "probe", [image], [logits], initialisers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
@@ -110,9 +120,7 @@ def real_batch(probe_card) -> np.ndarray:
         for index in indices:
             raw = volume[:, :, index]
             crop = crop_for_slice(raw.shape)
-            slices.append(
-                to_model_input(sample_crop(raw, crop, (SIZE, SIZE)), views, probe_card.input)
-            )
+            slices.append(to_model_input(sample_crop(raw, crop, (SIZE, SIZE)), views, probe_card.input))
     return np.stack(slices).astype(np.float32)
 
 
@@ -144,12 +152,8 @@ def npu_card(
     name="model_qcs8550.bin",
 ):
     """The card with an npu entry, and the stand-in .bin it points at (same quantisation)."""
-    in_scale, in_offset = (
-        quant_params(in_dtype, *INPUT_RANGE) if in_dtype != "float32" else (1.0, 0)
-    )
-    out_scale, out_offset = (
-        quant_params(out_dtype, *out_range) if out_dtype != "float32" else (1.0, 0)
-    )
+    in_scale, in_offset = quant_params(in_dtype, *INPUT_RANGE) if in_dtype != "float32" else (1.0, 0)
+    out_scale, out_offset = quant_params(out_dtype, *out_range) if out_dtype != "float32" else (1.0, 0)
     path = aidlite.write_bin(
         folder / name,
         card.file,
@@ -232,6 +236,28 @@ def test_parity_with_cpu_on_real_slices(
     assert inputs == [("set_input_tensor", 0, in_dtype, shape)] * 4
 
 
+def test_parity_with_an_nhwc_export(aidlite, real_batch, cpu_logits, tmp_path):
+    """The usual NPU path: ONNX exported with --layout nhwc, converted to an NHWC uint8 .bin."""
+    import onnxruntime as ort
+
+    onnx_path = build_probe_model(tmp_path / "probe_nhwc.onnx", layout="nhwc")
+    # The card as `sam2unet export --batch 1 --layout nhwc` writes it.
+    data = {
+        "name": "probe_nhwc",
+        "file": onnx_path.name,
+        "input": {"shape": [1, SIZE, SIZE, 3], "layout": "nhwc", "name": "image"},
+        "output": {"shape": [1, SIZE, SIZE, 1]},
+    }
+    card = load_card(write_card(data, tmp_path / "probe_nhwc.yaml"))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (cpu,) = session.run(None, {"image": np.ascontiguousarray(real_batch.transpose(0, 2, 3, 1))})
+    np.testing.assert_allclose(cpu.transpose(0, 3, 1, 2), cpu_logits, atol=1e-4)  # same model
+    card = npu_card(aidlite, card, tmp_path, in_dtype="uint8", out_dtype="int16")
+    with AidliteBackend(card) as backend:
+        npu = backend.predict(real_batch)
+    assert min(dice(c > 0, n > 0) for c, n in zip(cpu_logits, npu, strict=True)) >= 0.99
+
+
 def test_probe_model_catches_layout_and_channel_mistakes(real_batch, cpu_logits, probe_card):
     """The parity tests can fail: swapped channels or transposed slices change the masks."""
     with OnnxBackend(probe_card, threads=1) as backend:
@@ -241,9 +267,7 @@ def test_probe_model_catches_layout_and_channel_mistakes(real_batch, cpu_logits,
         assert min(dice(c > 0, w > 0) for c, w in zip(cpu_logits, wrong, strict=True)) < 0.99
 
 
-def test_wrong_offset_convention_breaks_parity(
-    aidlite, probe_card, real_batch, cpu_logits, tmp_path
-):
+def test_wrong_offset_convention_breaks_parity(aidlite, probe_card, real_batch, cpu_logits, tmp_path):
     """A card written with zero points (real = (q - zp) * scale) instead of QNN offsets fails."""
     good = npu_card(aidlite, probe_card, tmp_path, in_dtype="uint8")
     offset = good.npu[0].input_offset
@@ -412,11 +436,7 @@ def test_auto_falls_back_to_cpu_when_the_npu_fails(aidlite, probe_card, tmp_path
 def test_without_aidlite(no_aidlite, probe_card, tmp_path):
     card = dataclasses.replace(
         probe_card,
-        npu=[
-            NpuBinary(
-                file=tmp_path / "m.bin", soc="QCS6490", qnn_version="2.23", framework="TYPE_QNN223"
-            )
-        ],
+        npu=[NpuBinary(file=tmp_path / "m.bin", soc="QCS6490", qnn_version="2.23", framework="TYPE_QNN223")],
     )
     (tmp_path / "m.bin").write_text("{}")
     backend, why = open_backend(card, "auto")

@@ -195,9 +195,7 @@ class Model:
             return None
         return Model(str(model_path))
 
-    def set_model_properties(
-        self, input_shapes, input_data_type, output_shapes, output_data_type
-    ) -> None:
+    def set_model_properties(self, input_shapes, input_data_type, output_shapes, output_data_type) -> None:
         if not isinstance(input_data_type, DataType) or not isinstance(output_data_type, DataType):
             raise TypeError("set_model_properties: data types must be aidlite.DataType members")
         in_shapes = [[int(d) for d in shape] for shape in input_shapes]
@@ -297,9 +295,7 @@ class Interpreter:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            spec["onnx"], options, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort.InferenceSession(spec["onnx"], options, providers=["CPUExecutionProvider"])
         self._bin, self._in_shape, self._out_shape = spec, in_shape, out_shape
         self._loaded = True
         return 0
@@ -331,12 +327,17 @@ class Interpreter:
         if quant["dtype"] != "float32":
             values = (values + np.float32(quant["offset"])) * np.float32(quant["scale"])
         values = values.reshape(self._in_shape)
-        if self._bin["layout"] == "nhwc":
+        # The ONNX model may take NCHW or NHWC (exported with --layout nhwc) whatever the
+        # binary's layout: the converter would have folded the transpose into the graph.
+        model_input = self._session.get_inputs()[0]
+        onnx_nhwc = model_input.shape[-1] == 3 and model_input.shape[1] != 3
+        if self._bin["layout"] == "nhwc" and not onnx_nhwc:
             values = values.transpose(0, 3, 1, 2)
-        name = self._session.get_inputs()[0].name
-        (logits,) = self._session.run(None, {name: np.ascontiguousarray(values)})
-        if self._bin["layout"] == "nhwc":
-            logits = logits.transpose(0, 2, 3, 1)
+        elif self._bin["layout"] == "nchw" and onnx_nhwc:
+            values = values.transpose(0, 2, 3, 1)
+        (logits,) = self._session.run(None, {model_input.name: np.ascontiguousarray(values)})
+        # One output channel: NCHW and NHWC logits share one memory order.
+        logits = logits.reshape(self._out_shape)
         quant = self._bin["output"]
         dtype = np.dtype(_DTYPES[quant["dtype"]])
         if dtype != np.float32:
