@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,26 +179,55 @@ class Engine:
     def _key(self, task: SliceTask) -> tuple:
         return (self.card.id, self.views, self.axis, task.slice, task.crop.key())
 
-    def _model_input(self, task: SliceTask) -> np.ndarray:
+    def _model_input(self, task: SliceTask, out: np.ndarray | None = None) -> np.ndarray:
         raw = sample_crop(self.slice_image(task.slice), task.crop, self.size)
-        return to_model_input(raw, self.views, self.card.input)
+        return to_model_input(raw, self.views, self.card.input, out)
+
+    def _prepare(self, tasks: list[SliceTask]) -> np.ndarray:
+        batch = np.empty((len(tasks), 3, *self.size), dtype=np.float32)
+        for index, task in enumerate(tasks):
+            self._model_input(task, batch[index])
+        return batch
+
+    def _predict(self, tasks: list[SliceTask], batch: np.ndarray) -> None:
+        began = time.perf_counter()
+        logits = self.backend.predict(batch)
+        self.backend_seconds += time.perf_counter() - began
+        self.backend_calls += 1
+        if not np.all(np.isfinite(logits)):
+            raise InputError(f"the model {self.card.name} returned NaN or Inf; the model file may be broken")
+        for task, logit in zip(tasks, logits):
+            # Probabilities kept as uint16 (1/65535 steps): half the memory of float32, and
+            # converting is ~10x faster than to float16.
+            self._cache[self._key(task)] = (_sigmoid(logit[0]) * _PROB_SCALE + 0.5).astype(np.uint16)
 
     def _run_tasks(self, tasks: list[SliceTask]) -> None:
-        """Fill the cache for tasks that are not in it, in batches."""
-        todo = [t for t in tasks if self._key(t) not in self._cache]
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            batch = np.stack([self._model_input(t) for t in chunk])
-            began = time.perf_counter()
-            logits = self.backend.predict(batch)
-            self.backend_seconds += time.perf_counter() - began
-            self.backend_calls += 1
-            if not np.all(np.isfinite(logits)):
-                raise InputError(f"the model {self.card.name} returned NaN or Inf; the model file may be broken")
-            for task, logit in zip(chunk, logits):
-                # Probabilities kept as uint16 (1/65535 steps): half the memory of float32, and
-                # converting is ~10x faster than to float16.
-                self._cache[self._key(task)] = (_sigmoid(logit[0]) * _PROB_SCALE + 0.5).astype(np.uint16)
+        """Fill the cache for tasks that are not in it."""
+        for _ in self._run_groups([tasks]):
+            pass
+
+    def _run_groups(self, groups: list[list[SliceTask]]) -> Iterator[int]:
+        """Run groups of tasks through the backend, yielding each group's index when it is cached.
+
+        The next group's input is prepared in a second thread while the backend works on the
+        current one (onnxruntime releases the GIL), which hides most of the preprocessing.
+        """
+        pending = []
+        for group in groups:
+            todo = {self._key(t): t for t in group if self._key(t) not in self._cache}
+            pending.append(list(todo.values()))
+        if not any(pending):
+            yield from range(len(groups))
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self._prepare, pending[0])
+            for index, todo in enumerate(pending):
+                batch = future.result()
+                if index + 1 < len(pending):
+                    future = pool.submit(self._prepare, pending[index + 1])
+                if todo:
+                    self._predict(todo, batch)
+                yield index
 
     def probability(self, task: SliceTask) -> np.ndarray:
         """The model's probability for a task, in the slice's frame (zero outside the crop)."""
@@ -245,12 +275,13 @@ class Engine:
         plan = self.plan(prompts, scope)
         order = list(plan)
         total = len(order)
-        for start in range(0, total, self.batch_size):
-            group = order[start : start + self.batch_size]
-            self._run_tasks([t for k in group for t in plan[k]])
-            for k in group:
+        groups = [order[start : start + self.batch_size] for start in range(0, total, self.batch_size)]
+        done = 0
+        for index in self._run_groups([[t for k in group for t in plan[k]] for group in groups]):
+            for k in groups[index]:
                 result.slices[k] = SliceResult(plan[k], self.postprocess(k, plan[k], prompts, threshold))
-            yield min(start + self.batch_size, total), total
+            done += len(groups[index])
+            yield done, total
 
     def _propagate(self, prompts, threshold, result):
         """From each prompted slice outwards, each slice cropped around its neighbour's mask."""

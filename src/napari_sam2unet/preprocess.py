@@ -231,14 +231,19 @@ def paste_back(values: np.ndarray, crop: Crop, shape: tuple[int, int]) -> np.nda
     return out
 
 
-def to_model_input(raw_crop: np.ndarray, views: tuple[View, View, View], spec: InputSpec) -> np.ndarray:
-    """3 x H x W float32: each view to 0..255, then the card's scale, mean and std."""
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    channels = []
-    cache: dict[View, np.ndarray] = {}
+def to_model_input(
+    raw_crop: np.ndarray, views: tuple[View, View, View], spec: InputSpec, out: np.ndarray | None = None
+) -> np.ndarray:
+    """3 x H x W float32: each view to 0..255, then the card's scale, mean and std.
+
+    `out` (3 x H x W) lets the caller fill a batch in place, saving a copy per slice.
+    """
+    if out is None:
+        out = np.empty((3, *raw_crop.shape), dtype=np.float32)
+    scaled: dict[View, np.ndarray] = {}
     for index, view in enumerate(views):
-        if view not in cache:
-            cache[view] = view.apply(raw_crop) * np.float32(spec.scale)
-        channels.append((cache[view] - mean[index]) / std[index])
-    return np.stack(channels).astype(np.float32, copy=False)
+        if view not in scaled:
+            scaled[view] = view.apply(raw_crop) * np.float32(spec.scale)
+        np.subtract(scaled[view], np.float32(spec.mean[index]), out=out[index])
+        out[index] *= np.float32(1 / spec.std[index])
+    return out
