@@ -453,6 +453,7 @@ def test_without_aidlite(no_aidlite, probe_card, tmp_path):
     # Everything missing is said at once.
     reason = npu_unavailable_reason(probe_card)
     assert "`aidlite` is not installed" in reason and "no QNN context binary" in reason
+    assert "aidlite-qnnXYZ` (XYZ: the QNN version of your .bin)" in reason
 
 
 def test_card_npu_entries_and_soc_choice(tmp_path, probe_card, monkeypatch):

@@ -45,10 +45,12 @@ _DOCS = "see docs/npu.md"
 def _missing_aidlite(binary: NpuBinary | None) -> str:
     """What is missing and how to get it: `aidlite` is not on PyPI."""
     qnn = _qnn_package(binary)
+    which = " (XYZ: the QNN version of your .bin)" if qnn.endswith("XYZ") else ""
     return (
         "the Python module `aidlite` is not installed (it ships with APLUX AidLite on "
         f"Qualcomm devices, not on PyPI); on the device run `sudo aid-pkg install aidlite-sdk "
-        f"{qnn}` and use a Python that sees the system packages ({_DOCS}), or use --backend cpu"
+        f"{qnn}`{which} and use a Python that sees the system packages ({_DOCS}), "
+        "or use --backend cpu"
     )
 
 
@@ -58,7 +60,7 @@ def _qnn_package(binary: NpuBinary | None) -> str:
     if binary is not None:
         match = re.fullmatch(r"TYPE_QNN(\d+)", binary.framework)
         digits = match.group(1) if match else binary.qnn_version.replace(".", "")[:3]
-    return f"aidlite-qnn{digits}" if digits else "aidlite-qnnXXX (the QNN version of your .bin)"
+    return f"aidlite-qnn{digits or 'XYZ'}"
 
 
 def _norm(name: str) -> str:
@@ -82,9 +84,7 @@ def detect_soc() -> str | None:
 def select_binary(card: ModelCard, soc: str | None = None) -> tuple[NpuBinary, str]:
     """The card's .bin for this device's SoC, else the first; with a few words saying which."""
     if not card.npu:
-        raise ModelError(
-            f"model {card.name} has no QNN context binary (.bin) in its card ({_DOCS})"
-        )
+        raise ModelError(f"model {card.name} has no QNN context binary (.bin) in its card ({_DOCS})")
     soc = soc if soc is not None else detect_soc()
     if soc:
         found = _norm(soc)
@@ -126,8 +126,7 @@ def npu_unavailable_reason(card: ModelCard) -> str | None:
         else:  # installed but broken, e.g. libaidlite.so not found
             reasons.insert(
                 0,
-                f"the `aidlite` module is installed but does not import ({error}); reinstall "
-                f"aidlite-sdk ({_DOCS})",
+                f"the `aidlite` module is installed but does not import ({error}); reinstall aidlite-sdk ({_DOCS})",
             )
     return "; ".join(reasons) or None
 
@@ -149,12 +148,9 @@ class AidliteBackend(Backend):
             import aidlite
         except ImportError as error:
             if getattr(error, "name", None) == "aidlite":
-                raise BackendError(
-                    f"the NPU backend cannot run: {_missing_aidlite(binary)}"
-                ) from None
+                raise BackendError(f"the NPU backend cannot run: {_missing_aidlite(binary)}") from None
             raise BackendError(
-                f"the `aidlite` module is installed but does not import ({error}); "
-                f"reinstall aidlite-sdk ({_DOCS})"
+                f"the `aidlite` module is installed but does not import ({error}); reinstall aidlite-sdk ({_DOCS})"
             ) from None
         self._aidlite = aidlite
         self._interpreter: Any = None
@@ -173,19 +169,14 @@ class AidliteBackend(Backend):
     def _check_binary(self) -> None:
         binary, where = self.binary, f"model card of {self.card.name}"
         if binary.layout not in ("nchw", "nhwc"):
-            raise ModelError(
-                f"{where}: npu layout is {binary.layout!r}; use nhwc (AIMO's usual) or nchw"
-            )
+            raise ModelError(f"{where}: npu layout is {binary.layout!r}; use nhwc (AIMO's usual) or nchw")
         for what in ("input", "output"):
             dtype, scale = getattr(binary, f"{what}_dtype"), getattr(binary, f"{what}_scale")
             if dtype not in DTYPES:
-                raise ModelError(
-                    f"{where}: npu {what}_dtype is {dtype!r}; use one of {', '.join(DTYPES)}"
-                )
+                raise ModelError(f"{where}: npu {what}_dtype is {dtype!r}; use one of {', '.join(DTYPES)}")
             if dtype != "float32" and not float(scale) > 0:
                 raise ModelError(
-                    f"{where}: npu {what}_scale must be > 0 for {dtype} I/O (copy it from the "
-                    "converter's output)"
+                    f"{where}: npu {what}_scale must be > 0 for {dtype} I/O (copy it from the converter's output)"
                 )
         if not binary.file.is_file():
             raise ModelError(
@@ -207,10 +198,7 @@ class AidliteBackend(Backend):
         value = getattr(members, name, None)
         if value is None:
             known = sorted(n for n in dir(members) if n.startswith("TYPE_"))
-            raise BackendError(
-                f"this AidLite has no {kind}.{name} ({hint}); it offers "
-                f"{', '.join(known) or 'none'}"
-            )
+            raise BackendError(f"this AidLite has no {kind}.{name} ({hint}); it offers {', '.join(known) or 'none'}")
         return value
 
     def _open(self) -> None:
@@ -218,15 +206,12 @@ class AidliteBackend(Backend):
         qnn = _qnn_package(binary)
         config = aidlite.Config.create_instance()
         if config is None:
-            raise BackendError(
-                f"AidLite could not create a Config; reinstall aidlite-sdk ({_DOCS})"
-            )
+            raise BackendError(f"AidLite could not create a Config; reinstall aidlite-sdk ({_DOCS})")
         config.implement_type = self._enum("ImplementType", "TYPE_LOCAL", "update aidlite-sdk")
         config.framework_type = self._enum(
             "FrameworkType",
             binary.framework,
-            f"the card's binary needs it: install {qnn}, or convert for the QNN version this "
-            "device has",
+            f"the card's binary needs it: install {qnn}, or convert for the QNN version this device has",
         )
         config.accelerate_type = self._enum("AccelerateType", "TYPE_DSP", "update aidlite-sdk")
         # A hint some AidLite versions read; quantised I/O is converted here either way.
@@ -234,18 +219,12 @@ class AidliteBackend(Backend):
 
         model = aidlite.Model.create_instance(str(binary.file))
         if model is None:
-            raise BackendError(
-                f"AidLite could not open {binary.file} (unreadable or not a model file)"
-            )
+            raise BackendError(f"AidLite could not open {binary.file} (unreadable or not a model file)")
         in_type = self._enum("DataType", f"TYPE_{binary.input_dtype.upper()}", "update aidlite-sdk")
-        out_type = self._enum(
-            "DataType", f"TYPE_{binary.output_dtype.upper()}", "update aidlite-sdk"
-        )
+        out_type = self._enum("DataType", f"TYPE_{binary.output_dtype.upper()}", "update aidlite-sdk")
         code = model.set_model_properties([self._in_shape], in_type, [self._out_shape], out_type)
         if isinstance(code, int) and code != 0:
-            raise BackendError(
-                f"AidLite set_model_properties failed with code {code} for {binary.file.name}"
-            )
+            raise BackendError(f"AidLite set_model_properties failed with code {code} for {binary.file.name}")
 
         # AidLite releases spell it both ways: prefer the corrected name.
         builder = aidlite.InterpreterBuilder
@@ -265,9 +244,7 @@ class AidliteBackend(Backend):
                 f"({binary.framework} on the DSP); "
                 f"check that {qnn} is installed ({_DOCS})"
             )
-        made_for = (
-            f"built for {binary.soc or 'an unnamed SoC'} with QNN {binary.qnn_version or '?'}"
-        )
+        made_for = f"built for {binary.soc or 'an unnamed SoC'} with QNN {binary.qnn_version or '?'}"
         self._step(
             "init",
             f"likely causes: the QNN runtime for {binary.framework} is not installed (sudo "
@@ -288,8 +265,7 @@ class AidliteBackend(Backend):
         if code != 0:
             self.close()
             raise BackendError(
-                f"AidLite {step}() failed with code {code} for {self.binary.file.name}: {causes} "
-                f"({_DOCS})"
+                f"AidLite {step}() failed with code {code} for {self.binary.file.name}: {causes} ({_DOCS})"
             )
 
     # -- the Backend interface ----------------------------------------------------------------
@@ -318,8 +294,7 @@ class AidliteBackend(Backend):
         height, width = self._size
         if batch.ndim != 4 or batch.shape[1:] != (3, height, width):
             raise BackendError(
-                f"the NPU model takes Nx3x{height}x{width} slices, got "
-                f"{'x'.join(map(str, batch.shape))}"
+                f"the NPU model takes Nx3x{height}x{width} slices, got {'x'.join(map(str, batch.shape))}"
             )
         out = np.empty((batch.shape[0], 1, height, width), dtype=np.float32)
         for index, image in enumerate(batch):
@@ -349,17 +324,14 @@ class AidliteBackend(Backend):
             return values.astype(np.float32, copy=False)
         info = np.iinfo(self._in_dtype)
         # QNN: real = (q + offset) * scale  =>  q = round(real / scale - offset), saturated.
-        codes = np.rint(
-            values / np.float32(self.binary.input_scale) - np.float32(self.binary.input_offset)
-        )
+        codes = np.rint(values / np.float32(self.binary.input_scale) - np.float32(self.binary.input_offset))
         return np.clip(codes, info.min, info.max).astype(self._in_dtype)
 
     def _read_output(self) -> np.ndarray:
         raw = self._interpreter.get_output_tensor(0)
         if raw is None:
             raise BackendError(
-                "AidLite get_output_tensor(0) returned nothing after a successful invoke(); "
-                "update aidlite-sdk"
+                "AidLite get_output_tensor(0) returned nothing after a successful invoke(); update aidlite-sdk"
             )
         raw = np.asarray(raw).reshape(-1)
         count = self._size[0] * self._size[1]
@@ -375,9 +347,7 @@ class AidliteBackend(Backend):
         if dtype == np.float32 or raw.dtype.kind == "f":
             # Float values are logits already (AidLite may dequantise itself).
             return raw.astype(np.float32, copy=False)
-        return (raw.astype(np.float32) + np.float32(self.binary.output_offset)) * np.float32(
-            self.binary.output_scale
-        )
+        return (raw.astype(np.float32) + np.float32(self.binary.output_offset)) * np.float32(self.binary.output_scale)
 
     def close(self) -> None:
         interpreter, self._interpreter = self._interpreter, None
