@@ -131,7 +131,9 @@ def card_dict(
     n = -1 if batch == "dynamic" else 1
     size = INPUT_SIZE
     in_shape = [n, 3, size, size] if layout == "nchw" else [n, size, size, 3]
-    out_shape = [n, 1, size, size] if layout == "nchw" else [n, size, size, 1]
+    # The card's output shape is always NCHW: the backend reads an NHWC model's
+    # N x H x W x 1 output as the same single map.
+    out_shape = [n, 1, size, size]
     card: dict[str, Any] = {
         "name": name,
         "file": onnx_path.name,
@@ -197,9 +199,7 @@ def export_onnx(
     if out_path.suffix != ".onnx":
         raise ModelError(f"the output {out_path} must end in .onnx")
     if int8:
-        with tempfile.TemporaryDirectory(
-            dir=out_path.parent if out_path.parent.exists() else None
-        ) as tmp:
+        with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
             fp32 = export_fp32(model, Path(tmp) / "fp32.onnx", batch, layout)
             quantize_int8(fp32, out_path)
     else:
