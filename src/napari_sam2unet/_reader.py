@@ -1,0 +1,98 @@
+"""napari reader for .nii/.nii.gz: one layer per file, scaled by the voxel sizes.
+
+The file's geometry (affine, header, path) rides along in the layer's metadata under
+``"sam2unet"`` so that the widget and the writer can put results back on the same grid.
+napari's built-in reader also claims .nii files: choose this one with
+``viewer.open(path, plugin="napari-sam2unet")`` or ``napari --plugin napari-sam2unet FILE``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import Volume, is_nifti_path, read_volume
+
+META_KEY = "sam2unet"
+# NIFTI_INTENT_LABEL: the file says it is a label map.
+_INTENT_LABEL = 1002
+# Integer files with at most this many distinct values (all >= 0) open as labels.
+_MAX_LABEL_VALUES = 128
+
+PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
+LayerData = tuple[np.ndarray, dict[str, Any], str]
+
+
+def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
+    """npe2 reader hook: our reader for NIfTI paths, None for anything else."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or not all(is_nifti_path(p) for p in paths):
+        return None
+    return read_nifti
+
+
+def read_nifti(path: PathOrPaths) -> list[LayerData]:
+    """Read NIfTI files as napari layer data (image, or labels for label maps)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [volume_layer_data(read_volume(p)) for p in paths]
+
+
+def geometry_metadata(volume: Volume) -> dict[str, Any]:
+    """What the writer and the widget need to put voxels back on this file's grid."""
+    return {
+        "path": str(volume.path) if volume.path else None,
+        "affine": volume.affine.copy(),
+        "header": volume.header.copy(),
+        "spacing": volume.spacing,
+        "orientation": volume.orientation,
+        "shape": tuple(volume.data.shape),
+        "source_shape": tuple(volume.source_shape),
+        "notes": list(volume.notes),
+    }
+
+
+def looks_like_labels(volume: Volume) -> bool:
+    """A label map: the header says so, or integer storage with few non-negative values."""
+    header = volume.header
+    if int(header.get("intent_code", 0)) == _INTENT_LABEL:
+        return True
+    if not np.issubdtype(header.get_data_dtype(), np.integer):
+        return False
+    slope, inter = header.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        return False
+    data = volume.data
+    if data.min() < 0:
+        return False
+    values = np.unique(data[:: max(1, data.shape[0] // 64)])  # a cheap first look
+    if values.size > _MAX_LABEL_VALUES:
+        return False
+    return np.unique(data).size <= _MAX_LABEL_VALUES
+
+
+def volume_layer_data(volume: Volume) -> LayerData:
+    """One layer: labels (integers) for a label map, else an image with a sensible contrast."""
+    name = _display_name(volume.path) if volume.path else "volume"
+    metadata = {META_KEY: geometry_metadata(volume)}
+    kwargs: dict[str, Any] = {"name": name, "scale": volume.spacing, "metadata": metadata}
+    if looks_like_labels(volume):
+        top = float(volume.data.max(initial=0))
+        dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
+        return volume.data.astype(dtype), kwargs, "labels"
+    low, high = np.percentile(volume.data, (0.5, 99.5))
+    if high <= low:
+        low, high = float(volume.data.min()), float(volume.data.max()) + 1e-6
+    kwargs.update(contrast_limits=(float(low), float(high)), colormap="gray")
+    return volume.data, kwargs, "image"
+
+
+def _display_name(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -1,0 +1,93 @@
+"""napari writer: a Labels layer -> .nii.gz on its source image's grid, with a provenance sidecar.
+
+The geometry comes from the layer's ``metadata["sam2unet"]``: the reader puts it on layers it
+opens and the widget copies it from the image onto the label layers it creates.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+from .io import Volume, is_nifti_path, write_labels
+
+META_KEY = "sam2unet"
+RUNS_KEY = "sam2unet_runs"
+NAMES_KEY = "sam2unet_label_names"
+
+
+def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
+    """npe2 writer hook for one Labels layer; returns the paths written."""
+    out = Path(path)
+    if not is_nifti_path(out):
+        out = out.with_name(out.name + ".nii.gz")
+    labels = np.asarray(data)
+    if labels.ndim != 3:
+        raise InputError(f"this writer saves 3D label layers; the layer has shape {labels.shape}")
+    volume, note = like_volume(labels.shape, meta)
+    # napari asks before replacing a file, so an existing path here is the user's choice.
+    written = write_labels(out, labels, volume, sidecar=sidecar(meta, volume, note), overwrite=True)
+    return [str(written)]
+
+
+def like_volume(shape: tuple[int, ...], meta: dict) -> tuple[Volume, str | None]:
+    """A data-less Volume with the source geometry (or one built from the layer's scale)."""
+    geometry = (meta.get("metadata") or {}).get(META_KEY)
+    placeholder = np.broadcast_to(np.float32(0), shape)  # no memory: only the shape is used
+    if geometry is not None:
+        if tuple(geometry["shape"]) != tuple(shape):
+            raise InputError(
+                f"the labels ({'x'.join(map(str, shape))}) do not match their image grid "
+                f"({'x'.join(map(str, geometry['shape']))}); save labels made on that image"
+            )
+        path = Path(geometry["path"]) if geometry.get("path") else None
+        volume = Volume(
+            placeholder,
+            np.asarray(geometry["affine"]),
+            geometry["header"].copy(),
+            path,
+            tuple(geometry.get("source_shape") or shape),
+        )
+        return volume, None
+    # No source file: the layer's own scale and translate define the grid (1 mm, no rotation).
+    scale = np.asarray(meta.get("scale", (1.0, 1.0, 1.0)), dtype=float)[-3:]
+    translate = np.asarray(meta.get("translate", (0.0, 0.0, 0.0)), dtype=float)[-3:]
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(scale)
+    affine[:3, 3] = translate
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_zooms(tuple(abs(s) for s in scale))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    note = (
+        "this layer has no source NIfTI geometry; the grid comes from the layer's scale and "
+        "translate only (open the image with the napari-sam2unet reader to keep its geometry)"
+    )
+    return Volume(placeholder, affine, header, None, tuple(shape)), note
+
+
+def sidecar(meta: dict, volume: Volume, note: str | None = None) -> dict[str, Any]:
+    """Provenance: source image, label names and every widget run that made these labels."""
+    metadata = meta.get("metadata") or {}
+    names = metadata.get(NAMES_KEY, {})
+    record = {
+        "tool": "napari-sam2unet",
+        "version": __version__,
+        "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "layer": meta.get("name"),
+        "source_image": str(volume.path) if volume.path else None,
+        "orientation": "".join(nib.aff2axcodes(volume.affine)),
+        "spacing_mm": [float(z) for z in volume.header.get_zooms()[:3]],
+        "label_names": {str(k): v for k, v in names.items()},
+        "runs": list(metadata.get(RUNS_KEY, [])),
+    }
+    if note:
+        record["note"] = note
+    return record
