@@ -324,6 +324,18 @@ def test_prefers_the_corrected_spelling_when_both_exist(aidlite, probe_card, tmp
     assert names(aidlite.CALLS)[-1] == "destroy"
 
 
+def test_two_callers_share_one_interpreter_safely(aidlite, probe_card, real_batch, cpu_logits, tmp_path):
+    """A second run (e.g. the widget re-run) waits: set_input/invoke/get_output never interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    card = npu_card(aidlite, probe_card, tmp_path)
+    with AidliteBackend(card) as backend, ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(backend.predict, real_batch[:2])
+        second = pool.submit(backend.predict, real_batch[2:])
+        npu = np.concatenate([first.result(), second.result()])
+    np.testing.assert_allclose(npu, cpu_logits, atol=1e-4)
+
+
 def test_device_description(aidlite, probe_card, tmp_path):
     card = npu_card(aidlite, probe_card, tmp_path, in_dtype="uint8")
     with AidliteBackend(card) as backend:

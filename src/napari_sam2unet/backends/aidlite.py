@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,8 @@ class AidliteBackend(Backend):
             ) from None
         self._aidlite = aidlite
         self._interpreter: Any = None
+        # One interpreter, one image at a time: a second caller (another widget run) waits.
+        self._lock = threading.Lock()
         height, width = card.input.size
         self._size = (height, width)
         self._in_dtype = np.dtype(DTYPES[binary.input_dtype])
@@ -297,27 +300,32 @@ class AidliteBackend(Backend):
                 f"the NPU model takes Nx3x{height}x{width} slices, got {'x'.join(map(str, batch.shape))}"
             )
         out = np.empty((batch.shape[0], 1, height, width), dtype=np.float32)
-        for index, image in enumerate(batch):
-            if self.binary.layout == "nhwc":
-                image = image.transpose(1, 2, 0)
-            tensor = np.ascontiguousarray(self._quantise(image[None]))
-            code = self._interpreter.set_input_tensor(0, tensor)
-            if code not in (0, None):
-                raise BackendError(
-                    f"AidLite set_input_tensor() failed with code {code}: the binary does not take "
-                    f"{'x'.join(map(str, tensor.shape))} {tensor.dtype}; check the card's npu "
-                    "layout and input_dtype"
-                )
-            code = self._interpreter.invoke()
-            if code != 0:
-                raise BackendError(
-                    f"AidLite invoke() failed with code {code} on slice {index + 1} of "
-                    f"{batch.shape[0]}: "
-                    f"the NPU did not run the model (busy, out of memory or reset); retry, or use "
-                    "--backend cpu"
-                )
-            out[index, 0] = self._read_output().reshape(height, width)
+        with self._lock:
+            for index, image in enumerate(batch):
+                out[index, 0] = self._run_one(image, index, batch.shape[0]).reshape(height, width)
         return out
+
+    def _run_one(self, image: np.ndarray, index: int, count: int) -> np.ndarray:
+        if self._interpreter is None:
+            raise BackendError("the NPU backend was closed; open it again")
+        if self.binary.layout == "nhwc":
+            image = image.transpose(1, 2, 0)
+        tensor = np.ascontiguousarray(self._quantise(image[None]))
+        code = self._interpreter.set_input_tensor(0, tensor)
+        if code not in (0, None):
+            raise BackendError(
+                f"AidLite set_input_tensor() failed with code {code}: the binary does not take "
+                f"{'x'.join(map(str, tensor.shape))} {tensor.dtype}; check the card's npu "
+                "layout and input_dtype"
+            )
+        code = self._interpreter.invoke()
+        if code != 0:
+            raise BackendError(
+                f"AidLite invoke() failed with code {code} on slice {index + 1} of {count}: "
+                f"the NPU did not run the model (busy, out of memory or reset); retry, or use "
+                "--backend cpu"
+            )
+        return self._read_output()
 
     def _quantise(self, values: np.ndarray) -> np.ndarray:
         if self._in_dtype == np.float32:
@@ -350,7 +358,11 @@ class AidliteBackend(Backend):
         return (raw.astype(np.float32) + np.float32(self.binary.output_offset)) * np.float32(self.binary.output_scale)
 
     def close(self) -> None:
-        interpreter, self._interpreter = self._interpreter, None
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # __init__ failed before the interpreter existed
+            return
+        with lock:
+            interpreter, self._interpreter = self._interpreter, None
         if interpreter is None:
             return
         # Older AidLite spells it destory().

@@ -1,0 +1,373 @@
+"""`sam2unet train`: train the bundled box-steered model (or the plain U-Net comparison).
+
+Crops come from a second process (see data.py); the loop keeps a moving average (EMA) of the
+weights, checks it on held-out structures, checkpoints, resumes with --resume, and exports the
+best EMA weights to ONNX with a model card. torch is imported only when training runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..models import InputSpec
+
+EVAL_SIZE = 352  # the model contract; validation always runs at this size
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise InputError(
+            'training needs PyTorch; pip install "napari-sam2unet[export]" (torch==2.13.0)'
+        ) from None
+    return torch
+
+
+def structure_loss(pred, mask):
+    """Weighted BCE + weighted IoU, pixels near edges weighted up (as SAM2-UNet upstream)."""
+    torch = _torch()
+    F = torch.nn.functional
+    size = mask.shape[-1]
+    k = max(3, int(round(31 * size / 352)) | 1)
+    weight = 1 + 5 * torch.abs(F.avg_pool2d(mask, k, stride=1, padding=k // 2) - mask)
+    bce = F.binary_cross_entropy_with_logits(pred, mask, reduction="none")
+    bce = (weight * bce).sum((2, 3)) / weight.sum((2, 3))
+    prob = torch.sigmoid(pred)
+    inter = (prob * mask * weight).sum((2, 3))
+    union = ((prob + mask) * weight).sum((2, 3))
+    iou = 1 - (inter + 1) / (union - inter + 1)
+    return (bce + iou).mean()
+
+
+def build_model(arch: str, config: str):
+    if arch == "sam2unet":
+        try:
+            from ..modeling import build_sam2unet
+        except ImportError as error:
+            raise InputError(f"the SAM2-UNet modeling package cannot be imported ({error})") from None
+        return build_sam2unet(config)
+    if arch == "unet":
+        from .unet import PlainUNet
+
+        return PlainUNet()
+    raise InputError(f"unknown --arch {arch!r}; use sam2unet or unet")
+
+
+class Ema:
+    """Exponential moving average of a model's weights (buffers copied)."""
+
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    def update(self, model):
+        torch = _torch()
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for e, p in zip(self.model.parameters(), model.parameters()):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+            for e, b in zip(self.model.buffers(), model.buffers()):
+                e.copy_(b)
+
+
+def dice_scores(model, xs, ys, device, batch=8) -> float:
+    """Mean per-crop Dice of thresholded predictions on a fixed crop set."""
+    torch = _torch()
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(xs), batch):
+            x = torch.from_numpy(xs[i : i + batch]).to(device)
+            pred = (model(x)[0] > 0).float().cpu().numpy()
+            y = ys[i : i + batch]
+            inter = (pred * y).sum((1, 2, 3))
+            scores.extend(2 * inter / (pred.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1e-6))
+    return float(np.mean(scores))
+
+
+def _spec(args) -> InputSpec:
+    return InputSpec(channels=args.channels, crop=args.crop, margin=args.margin)
+
+
+def _phase(step: int, args) -> tuple[int, int]:
+    """(crop size, batch size) at a step: low resolution first, the contract size at the end."""
+    if step >= args.steps - args.hires_steps:
+        return EVAL_SIZE, args.hires_batch
+    return args.size, args.batch
+
+
+def _lr(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train(args) -> Path:
+    """Run (or resume) training; returns the path of the best EMA checkpoint."""
+    torch = _torch()
+    from . import data as tdata
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    spec = _spec(args)
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"training data folder {data_dir} does not exist; pass --data-dir")
+    model = build_model(args.arch, args.config).to(device)
+    ema = Ema(model, args.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, best, history = 0, -1.0, []
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if args.resume and last_path.is_file():
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
+        opt.load_state_dict(state["opt"])
+        step, best, history = state["step"], state["best"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {last_path} at step {step}", flush=True)
+    elif args.resume:
+        print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
+    vx, vy = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), n=args.val_crops, data_dir=data_dir)
+    log = open(out / "log.jsonl", "a")
+
+    def save(path):
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+                "opt": opt.state_dict(), "step": step, "best": best, "history": history,
+                "torch_rng": torch.get_rng_state(), "args": vars(args),
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+
+    stream, stream_phase = None, None
+    start, seen, t_last = time.time(), 0, time.time()
+    losses = []
+    try:
+        while step < args.steps:
+            phase = _phase(step, args)
+            if phase != stream_phase:
+                if stream:
+                    stream.close()
+                # The data stream is seeded by (seed, step): a resumed run is reproducible too.
+                stream = tdata.CropStream(args.seed * 100003 + step, spec, (phase[0],) * 2, phase[1], data_dir)
+                stream_phase = phase
+            x, y = stream.get()
+            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, args)
+            model.train()
+            outs = model(x)
+            loss = sum(structure_loss(o, y) for o in outs[: 1 if args.arch == "unet" else 3])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model)
+            step += 1
+            seen += x.shape[0]
+            losses.append(loss.item())
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.time()
+                rate = seen / (now - t_last)
+                elapsed = now - start
+                line = {
+                    "step": step, "size": phase[0], "loss": float(np.mean(losses)),
+                    "lr": _lr(step - 1, args), "crops_per_s": round(rate, 1), "elapsed_s": round(elapsed),
+                }
+                losses, seen, t_last = [], 0, now
+                if step % args.val_every == 0 or step == args.steps:
+                    line["val_dice"] = dice_scores(ema.model, vx, vy, device)
+                    if line["val_dice"] > best:
+                        best = line["val_dice"]
+                        torch.save({"ema": ema.model.state_dict(), "step": step, "val_dice": best,
+                                    "args": vars(args)}, best_path)
+                    save(last_path)
+                history.append(line)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                val = f" val Dice {line['val_dice']:.3f} (best {best:.3f})" if "val_dice" in line else ""
+                print(
+                    f"step {step}/{args.steps} {phase[0]}px loss {line['loss']:.3f} "
+                    f"{rate:.1f} crops/s {elapsed / 60:.1f} min{val}",
+                    flush=True,
+                )
+    finally:
+        if stream:
+            stream.close()
+        log.close()
+    save(last_path)
+    return best_path
+
+
+def card_extra(args, best_state) -> dict:
+    """What the card says about the model's input and training (metrics are added by eval)."""
+    return {
+        "input": {"channels": args.channels, "crop": args.crop, "margin": args.margin},
+        "threshold": 0.5,
+        "licence": "Apache-2.0",
+        "task": "class-agnostic box-steered segmentation of one structure per box on an MRI or CT slice",
+        "training": {
+            "command": args.command_line,
+            "seed": args.seed,
+            "steps": args.steps,
+            "chosen_step": int(best_state.get("step", args.steps)),
+            "validation_dice": round(float(best_state.get("val_dice", float("nan"))), 4),
+            "resolution": f"{args.size}px for {args.steps - args.hires_steps} steps (batch {args.batch}), "
+            f"{EVAL_SIZE}px for {args.hires_steps} (batch {args.hires_batch})",
+            "loss": "weighted BCE + weighted IoU on all three outputs",
+            "ema_decay": args.ema,
+        },
+    }
+
+
+def export(args, best_path: Path) -> Path:
+    """Export the best EMA weights: ONNX + model card."""
+    torch = _torch()
+    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    model = build_model(args.arch, args.config)
+    model.load_state_dict(state["ema"])
+    model.eval()
+    onnx_path = Path(args.export)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    extra = card_extra(args, state)
+    if args.arch == "sam2unet":
+        from ..export import export_onnx
+
+        card = export_onnx(model, onnx_path, args.config, card_extra=extra, name=args.name)
+    else:
+        card = export_plain(model, onnx_path, extra, args.name)
+    print(f"wrote {onnx_path} and {card}", flush=True)
+    return card
+
+
+def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
+    """Export a plain torch model (first output only) with a card; legacy tracer."""
+    torch = _torch()
+    from ..export import _merge
+    from ..models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
+
+    class First(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image):
+            return self.inner(image)[0]
+
+    with torch.no_grad():
+        torch.onnx.export(
+            First(model).eval(), (torch.zeros(1, 3, EVAL_SIZE, EVAL_SIZE),), str(onnx_path),
+            input_names=["image"], output_names=["logits"], opset_version=17, dynamo=False,
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    card = {
+        "name": name or onnx_path.stem,
+        "file": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "input": {"shape": [-1, 3, EVAL_SIZE, EVAL_SIZE], "layout": "nchw", "name": "image",
+                  "scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "output": {"name": "logits", "shape": [-1, 1, EVAL_SIZE, EVAL_SIZE]},
+        "architecture": {"family": "plain-unet", "parameters": sum(p.numel() for p in model.parameters())},
+    }
+    _merge(card, extra)
+    return write_card(card, onnx_path.with_suffix(".yaml"))
+
+
+def add_train_parser(subparsers) -> None:
+    """`sam2unet train`: train the box-steered model and export it."""
+    from .data import DATA_DIR
+
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "train",
+        help="train the bundled box-steered model (or the plain U-Net comparison)",
+        description="Train on box crops of real scans, synthetic contrasts and synthetic lesions; "
+        "export the best EMA weights to ONNX with a model card.",
+    )
+    p.add_argument("--arch", choices=("sam2unet", "unet"), default="sam2unet")
+    p.add_argument("--config", default="compact", help="SAM2-UNet config (compact, compact_s, ...)")
+    p.add_argument("--data-dir", default=str(DATA_DIR), help="the shared/data folder")
+    p.add_argument("--out-dir", default="runs/compact", help="checkpoints and log.jsonl")
+    p.add_argument("--export", default=None, help="write the best EMA model to this .onnx (+ card)")
+    p.add_argument("--name", default=None, help="model name in the card (default: file stem)")
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--hires-steps", type=int, default=300, help="final steps at 352 px")
+    p.add_argument("--size", type=int, default=192, help="crop size before the final steps")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--hires-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--channels", choices=("replicate", "multiview"), default="multiview")
+    p.add_argument("--crop", choices=("square", "box_aspect"), default="box_aspect")
+    p.add_argument("--margin", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-crops", type=int, default=96)
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is present")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--export-only", action="store_true", help="only export OUT_DIR/best.pt")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    import sys
+
+    args.command_line = "sam2unet " + " ".join(sys.argv[1:]) if not hasattr(args, "command_line") else args.command_line
+    for what, value in (("--size", args.size),):
+        if value % 32:
+            raise InputError(f"{what} must be a multiple of 32, got {value}")
+    if args.hires_steps > args.steps:
+        raise InputError("--hires-steps cannot exceed --steps")
+    best = Path(args.out_dir) / "best.pt"
+    if not args.export_only:
+        best = train(args)
+    if args.export:
+        if not best.is_file():
+            raise InputError(f"no checkpoint {best} to export; train first")
+        export(args, best)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sam2unet")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    args = parser.parse_args(argv)
+    import sys
+
+    args.command_line = "sam2unet " + " ".join(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

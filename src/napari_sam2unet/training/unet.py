@@ -1,0 +1,60 @@
+"""A plain convolutional U-Net of about the compact SAM2-UNet's size: the comparison model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PlainUNet(nn.Module):
+    """Strided stem (like the SAM2-UNet patch embedding), four encoder levels, U-Net decoder.
+
+    forward returns (out, out, out) so it trains with the same three-output loss code; only
+    the first map is the prediction.
+    """
+
+    def __init__(self, widths=(48, 96, 192, 384), stem_stride: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 7, stride=stem_stride, padding=3, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.enc = nn.ModuleList()
+        cin = widths[0]
+        for w in widths:
+            self.enc.append(_block(cin, w))
+            cin = w
+        self.dec = nn.ModuleList()
+        for w_skip, w in zip(reversed(widths[:-1]), reversed(widths[1:])):
+            self.dec.append(_block(w + w_skip, w_skip))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        y = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.enc):
+            if i:
+                y = F.max_pool2d(y, 2)
+            y = block(y)
+            skips.append(y)
+        y = skips.pop()
+        for block in self.dec:
+            skip = skips.pop()
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, skip], 1))
+        out = F.interpolate(self.head(y), size=size, mode="bilinear", align_corners=False)
+        return out, out, out
