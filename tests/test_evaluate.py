@@ -1,0 +1,80 @@
+"""`sam2unet eval` and the training data checks: real NIfTI files, a real ONNX model."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import sphere_volume, write_nifti
+
+from napari_sam2unet.cli import main
+from napari_sam2unet.errors import InputError
+from napari_sam2unet.training.data import check_pair
+from napari_sam2unet.training.evaluate import dice, make_cases, otsu_in_box, otsu_threshold
+
+
+def test_otsu_splits_two_populations():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(10, 2, 500), rng.normal(50, 2, 500)])
+    assert 15 < otsu_threshold(values) < 45
+
+
+@pytest.mark.parametrize("polarity", [1, -1])
+def test_otsu_in_box_keeps_the_structure_under_the_centre(polarity):
+    data, truth = sphere_volume(shape=(40, 40, 1), centre=(20, 20, 0), radius=8)
+    image = polarity * data[:, :, 0]
+    # a second bright blob inside the box but away from the centre must not be kept
+    image[2:5, 2:5] = image[20, 20]
+    mask = otsu_in_box(image, (1.0, 1.0, 33.0, 33.0))
+    assert dice(mask, truth[:, :, 0]) > 0.95
+    assert not mask[2:5, 2:5].any()
+
+
+def test_cases_get_one_box_per_touched_slice_enlarged_by_ten_percent():
+    labels = np.zeros((30, 30, 6), np.int32)
+    labels[10:20, 5:25, 1:4] = 3  # 600 voxels
+    labels[0:2, 0:2, 0] = 7  # 4 voxels: below the minimum, not a case
+    (case,) = make_cases("scan", labels, axis=2, seed=0, min_voxels=50)
+    assert case.label == 3 and case.voxels == 600
+    assert [b.slice for b in case.boxes["tight"]] == [1, 2, 3]
+    box = case.boxes["tight"][0]
+    assert box.rect == pytest.approx((9.5, 4.0, 20.5, 26.0))
+    jittered = case.boxes["jittered"][0]
+    assert jittered.rect != box.rect and jittered.i0 <= 10.5 and jittered.i1 >= 19.5
+
+
+def test_eval_command_scores_models_and_baseline_on_the_same_boxes(tmp_path, brightness_card, capsys):
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_labels.nii.gz", truth.astype(np.uint8) * 2)
+    report_path = tmp_path / "report.json"
+    code = main(["eval", "--model", str(brightness_card.file), "--scan", f"{image}:{labels}",
+                 "--json", str(report_path), "--threads", "1"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["cases"] == [{"scan": "ball.nii.gz", "label": 2, "voxels": int(truth.sum())}]
+    assert set(report["methods"]) == {"otsu-in-box", "brightness"}
+    # a bright ball in a box: both the model and Otsu find it
+    assert report["summary"]["brightness"]["tight"]["mean"] > 0.9
+    assert report["summary"]["otsu-in-box"]["tight"]["mean"] > 0.9
+    assert "| brightness |" in capsys.readouterr().out
+
+
+def test_eval_refuses_a_label_map_on_another_grid(tmp_path, brightness_card):
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "small.nii.gz", truth[:20].astype(np.uint8))
+    assert main(["eval", "--model", str(brightness_card.file), "--scan", f"{image}:{labels}"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (None, "no label map"),
+        (np.zeros((4, 4, 3), np.int16), "same voxel grid"),
+        (np.zeros((4, 4, 4), np.int16), "empty"),
+        (np.full((4, 4, 4), 0.5, np.float32), "fractional"),
+    ],
+)
+def test_bad_training_pairs_stop_with_a_clear_message(labels, message):
+    with pytest.raises(InputError, match=message):
+        check_pair(np.zeros((4, 4, 4), np.float32), labels, "case")
