@@ -88,3 +88,20 @@ def test_writer_refuses_labels_from_another_grid(tmp_path):
     _, kwargs, _ = read_nifti(str(image_path))[0]
     with pytest.raises(InputError, match="do not match"):
         write_labels_layer(str(tmp_path / "o.nii.gz"), np.zeros((3, 3, 3), np.uint8), {"metadata": kwargs["metadata"]})
+
+
+def test_manifest_is_valid_and_the_package_carries_the_root_file():
+    npe2 = pytest.importorskip("npe2", reason="npe2 is in the [testing] extra")
+    import napari_sam2unet
+
+    root = Path(__file__).resolve().parents[1] / "napari.yaml"
+    packaged = Path(napari_sam2unet.__file__).parent / "napari.yaml"
+    assert packaged.read_text() == root.read_text()
+    manifest = npe2.PluginManifest.from_distribution("napari-sam2unet")
+    contributions = manifest.contributions
+    assert [r.filename_patterns[:2] for r in contributions.readers] == [["*.nii", "*.nii.gz"]]
+    assert contributions.writers[0].layer_types == ["labels"]
+    assert contributions.widgets and contributions.sample_data
+    for command in contributions.commands:  # every command points at a real function
+        module, _, name = command.python_name.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[name]), name))
