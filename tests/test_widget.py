@@ -192,3 +192,12 @@ def test_corrupt_file_is_refused_with_a_reason_and_napari_goes_on(make_napari_vi
     assert len(viewer.layers) == 0
     open_axial(viewer, sample_paths()[0])  # the viewer still works
     assert len(viewer.layers) == 1
+
+
+def test_nan_voxels_count_as_the_lowest_intensity_and_are_reported(qtbot, ball, messages):
+    viewer, widget, image, _, shapes, truth = ball
+    image.data[0:3, 0:3, :] = np.nan
+    add_box(shapes, 6, 10, 8, 38, 32)
+    run_and_wait(qtbot, widget)
+    assert any("108 NaN or infinite voxels" in m for m in messages["warning"])
+    assert dice(labels_layer(viewer).data[:, :, 6] > 0, truth[:, :, 6]) > 0.9

@@ -485,7 +485,11 @@ class SegmentWidget(Container):
         """The worker thread: open the engine, set the volume, segment batch by batch."""
         engine, reason = self._engine_for(job["model"], job["backend"])
         yield "engine", engine, reason
-        engine.set_volume(job["data"], spacing=job["spacing"], axis=job["axis"], window=job["window"])
+        # NaN/Inf voxels (napari shows them as black) count as the lowest intensity; said below.
+        engine.set_volume(job["data"], spacing=job["spacing"], axis=job["axis"], window=job["window"],
+                          replace_nonfinite=True)
+        if engine.replaced_voxels:
+            yield "nonfinite", engine.replaced_voxels
         result = None
         for done, total, result in engine.iter_segment(job["prompts"], job["scope"], job["threshold"]):
             yield "progress", done, total, result
@@ -501,6 +505,10 @@ class SegmentWidget(Container):
             run.engine = engine
             run.info.update(model=engine.card.name, model_sha256=engine.card.sha256, backend=engine.backend.describe())
             self.status.value = "segmenting..."
+            return
+        if message[0] == "nonfinite":
+            show_warning(f"{message[1]} NaN or infinite voxels in {run.image.name} were treated as its lowest "
+                         f"intensity; fix the file if they mark something else")
             return
         _, done, total, result = message
         run.result = result

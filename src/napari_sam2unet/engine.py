@@ -106,7 +106,7 @@ class Engine:
             raise InputError(f"the engine segments 3D volumes; this array has shape {data.shape}")
         if axis not in (0, 1, 2):
             raise InputError(f"slice axis {axis} does not exist; use 0, 1 or 2")
-        data = _finite(data, replace_nonfinite)
+        data, self.replaced_voxels = _finite(data, replace_nonfinite)
         low, high = float(data.min()), float(data.max())
         if low == high:
             raise InputError(f"the image is constant (every voxel is {low:g}): there is nothing to segment")
@@ -349,12 +349,13 @@ class Engine:
         self._cache.clear()
 
 
-def _finite(data: np.ndarray, replace: bool) -> np.ndarray:
+def _finite(data: np.ndarray, replace: bool) -> tuple[np.ndarray, int]:
+    """The data with NaN/Inf replaced by the lowest finite value (if allowed), and how many there were."""
     if np.issubdtype(data.dtype, np.integer):
-        return data
+        return data, 0
     finite = np.isfinite(data)
     if finite.all():
-        return data
+        return data, 0
     bad = int(finite.size - finite.sum())
     if not replace:
         raise InputError(
@@ -363,7 +364,7 @@ def _finite(data: np.ndarray, replace: bool) -> np.ndarray:
         )
     if not finite.any():
         raise InputError("every voxel of the image is NaN or infinite: there is nothing to segment")
-    return np.where(finite, data, data[finite].min())
+    return np.where(finite, data, data[finite].min()), bad
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""Screenshots of the real napari window for docs/user-guide.md.
+
+Run under a virtual X server:
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py
+Writes docs/images/*.png. Look at them before committing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+
+from napari_sam2unet._sample_data import SAMPLE_LIVER, sample_paths
+from napari_sam2unet._widget import SegmentWidget
+from napari_sam2unet.io import read_volume
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
+SLICE = 10
+
+
+def wait(widget: SegmentWidget, seconds: float = 120) -> None:
+    app = QApplication.instance()
+    end = time.time() + seconds
+    while widget.busy and time.time() < end:
+        app.processEvents()
+        time.sleep(0.02)
+    for _ in range(20):
+        app.processEvents()
+
+
+def shoot(viewer, name: str) -> None:
+    for _ in range(10):
+        QApplication.instance().processEvents()
+    viewer.window.screenshot(str(OUT / name), canvas_only=False)
+    print("wrote", OUT / name)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    image_path, labels_path = sample_paths()
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 900)
+    (image,) = viewer.open(str(image_path), plugin="napari-sam2unet")
+    viewer.dims.order = (2, 0, 1)  # axial slices of this LPS volume
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="SAM2-UNet", area="right")
+    viewer.dims.set_current_step(2, SLICE)
+
+    # A box around the liver, as a user drags it (napari data coordinates).
+    liver = np.asarray(read_volume(labels_path).data)[:, :, SLICE] == SAMPLE_LIVER
+    rows, cols = np.flatnonzero(liver.any(1)), np.flatnonzero(liver.any(0))
+    points, shapes = widget.add_prompt_layers()
+    corners = [[rows[0] - 2, cols[0] - 2, SLICE], [rows[0] - 2, cols[-1] + 2, SLICE],
+               [rows[-1] + 2, cols[-1] + 2, SLICE], [rows[-1] + 2, cols[0] - 2, SLICE]]
+    shapes.add_rectangles(np.array(corners, dtype=float))
+    viewer.reset_view()
+    shoot(viewer, "1-box-prompt.png")
+
+    widget.scope.value = "propagate from this slice"
+    widget.label_name.value = "liver"
+    widget.run()
+    wait(widget)
+    viewer.layers.selection.active = shapes
+    shoot(viewer, "2-propagated.png")
+
+    viewer.dims.ndisplay = 3
+    image.visible = False
+    viewer.camera.angles = (0, -60, 60)
+    viewer.reset_view()
+    shoot(viewer, "3-liver-3d.png")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
