@@ -8,6 +8,7 @@ from conftest import sphere_volume, write_nifti
 
 from napari_sam2unet.cli import main
 from napari_sam2unet.errors import InputError
+from napari_sam2unet.models import load_card
 from napari_sam2unet.training.data import check_pair
 from napari_sam2unet.training.evaluate import dice, make_cases, otsu_in_box, otsu_threshold
 
@@ -57,6 +58,20 @@ def test_eval_command_scores_models_and_baseline_on_the_same_boxes(tmp_path, bri
     assert report["summary"]["brightness"]["tight"]["mean"] > 0.9
     assert report["summary"]["otsu-in-box"]["tight"]["mean"] > 0.9
     assert "| brightness |" in capsys.readouterr().out
+
+
+def test_eval_can_record_its_summary_in_the_model_card(tmp_path, brightness_card):
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_labels.nii.gz", truth.astype(np.uint8))
+    sha = brightness_card.sha256
+    assert main(["eval", "--model", str(brightness_card.file), "--scan", f"{image}:{labels}", "--update-card"]) == 0
+    card = load_card(brightness_card.card_path)
+    metrics = card.raw["metrics"]["held_out_test"]
+    assert metrics["scans"] == ["ball.nii.gz"] and metrics["cases"] == 1
+    assert list(metrics["mean_dice"]) == ["brightness", "otsu-in-box"]
+    assert metrics["mean_dice"]["brightness"]["tight"]["mean"] > 0.9
+    assert card.sha256 == sha  # the model file is untouched
 
 
 def test_eval_refuses_a_label_map_on_another_grid(tmp_path, brightness_card):

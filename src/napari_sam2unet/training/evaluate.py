@@ -249,6 +249,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     p.add_argument("--markdown", type=Path, default=None, help="write the tables here")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the summary into the first model's card (metrics: held_out_test)")
     p.set_defaults(func=run_eval)
 
 
@@ -269,4 +271,28 @@ def run_eval(args) -> int:
         args.json.write_text(json.dumps(report, indent=1))
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    if args.update_card:
+        update_card(args.model[0] if args.model else None, report, scans)
     return 0
+
+
+def update_card(model: str | None, report: dict, scans: list[tuple[Path, Path]]) -> Path:
+    """Record the evaluation in the model's card (the .onnx and its sha256 are untouched)."""
+    from ..models import find_model, load_card, write_card
+
+    card = find_model(model)
+    if card.card_path is None:
+        raise InputError(f"{card.file.name} has no model card to update; export it with a card first")
+    data = dict(load_card(card.card_path).raw)
+    names = list(report["methods"])
+    own = next(n for n in names if n == card.name or n.startswith(card.name + " ("))
+    data.setdefault("metrics", {})["held_out_test"] = {
+        "what": "box-steered 3D Dice per structure (boxes from the reference outline on every axial slice)",
+        "scans": [Path(image).name for image, _ in scans],
+        "cases": len(report["cases"]),
+        "min_voxels": int(min(c["voxels"] for c in report["cases"])) if report["cases"] else None,
+        "enlarge": ENLARGE,
+        "jitter_seed": report["seed"],
+        "mean_dice": {name: report["summary"][name] for name in [own] + [n for n in names if n != own]},
+    }
+    return write_card(data, card.card_path)
