@@ -128,6 +128,21 @@ def test_int8_close_to_fp32(trained, exported):
     assert np.abs(int8_logits - logits).max() > 1e-6
 
 
+def test_a_work_size_model_keeps_the_352_contract(tmp_path):
+    """Compact models compute at a smaller side inside the graph; ONNX still takes and returns 352."""
+    torch.manual_seed(0)
+    model = Sam2Unet(tiny_test_config(work_size=96)).eval()
+    image = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        logits = model(image)[0].numpy()
+        small = model(F.interpolate(image, size=(96, 96), mode="bilinear", antialias=True))[0]
+    assert small.shape == (2, 1, 96, 96)  # at its work size the model resizes nothing
+    card = export_onnx(model, tmp_path / "work96.onnx", "test")
+    onnx_logits = OnnxBackend(load_card(card), threads=2).predict(image.numpy())
+    assert onnx_logits.shape == (2, 1, SIZE, SIZE)
+    assert np.abs(onnx_logits - logits).max() < 1e-3
+
+
 @needs_data
 def test_card_describes_the_file(exported):
     card = load_card(exported[0])

@@ -63,42 +63,47 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 def export_fp32(model, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
     """Write the fp32 ONNX graph of `model` (a Sam2Unet) at 352x352."""
-    torch = _import_torch()
+    _import_torch()
     _check_choice(batch, ("dynamic", "1"), "batch")
     _check_choice(layout, ("nchw", "nhwc"), "layout")
     model = model.eval()
     encoder = model.encoder
-    grid = INPUT_SIZE // model.config.patch_stride
+    grid = (model.config.work_size or INPUT_SIZE) // model.config.patch_stride
     # Fold the bicubic resize of the position embedding into one constant for this grid.
     encoder.fix_position_embedding(grid, grid)
     try:
-        wrapper = _first_logits_module(model, layout).eval()
-        # The dynamo exporter fails with a batch-1 example and a dynamic batch ("Invalid
-        # ranges"); a batch-2 example traces the same graph.
-        example_batch = 2 if batch == "dynamic" else 1
-        shape = (example_batch, 3, INPUT_SIZE, INPUT_SIZE)
-        if layout == "nhwc":
-            shape = (example_batch, INPUT_SIZE, INPUT_SIZE, 3)
-        example = torch.zeros(shape)
-        dynamic = None
-        if batch == "dynamic":
-            dynamic = {"image": {0: torch.export.Dim("batch", min=1, max=64)}}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(out_path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes=dynamic,
-                optimize=True,
-            )
+        trace_onnx(_first_logits_module(model, layout).eval(), out_path, batch, layout)
     finally:
         encoder.release_position_embedding()
+    return out_path
+
+
+def trace_onnx(wrapper, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
+    """Trace a module with one image input and one logit output to ONNX at 352x352."""
+    torch = _import_torch()
+    # The dynamo exporter fails with a batch-1 example and a dynamic batch ("Invalid
+    # ranges"); a batch-2 example traces the same graph.
+    example_batch = 2 if batch == "dynamic" else 1
+    shape = (example_batch, 3, INPUT_SIZE, INPUT_SIZE)
+    if layout == "nhwc":
+        shape = (example_batch, INPUT_SIZE, INPUT_SIZE, 3)
+    dynamic = None
+    if batch == "dynamic":
+        dynamic = {"image": {0: torch.export.Dim("batch", min=1, max=64)}}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (torch.zeros(shape),),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=dynamic,
+            optimize=True,
+        )
     return out_path
 
 

@@ -31,6 +31,9 @@ class Sam2UnetConfig:
     rfb_channels: int = 64
     unused_up4: bool = True  # the official weights carry an `up4` that forward never calls
     sam2_trunk: str | None = None  # the SAM2 checkpoint whose trunk fits this config
+    # Compact models compute at this side and resize their input to it (and their logits back):
+    # a model trained on small crops keeps the scale it learnt under the 352 contract.
+    work_size: int | None = None
 
     @property
     def depth(self) -> int:
@@ -105,6 +108,7 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         adapter_dim=16,
         rfb_channels=32,
         unused_up4=False,
+        work_size=192,
     ),
     "compact_s": Sam2UnetConfig(
         name="compact_s",
@@ -119,6 +123,7 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         adapter_dim=16,
         rfb_channels=24,
         unused_up4=False,
+        work_size=192,
     ),
 }
 

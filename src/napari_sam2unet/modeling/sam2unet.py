@@ -37,6 +37,7 @@ class Sam2Unet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]
+        x = to_work_size(x, self.config.work_size)
         f1, f2, f3, f4 = self.encoder(x)
         f1, f2, f3, f4 = self.rfb1(f1), self.rfb2(f2), self.rfb3(f3), self.rfb4(f4)
         # Heads upsample straight to the input size: the official fixed factors (16, 8, 4)
@@ -57,6 +58,14 @@ class Sam2Unet(nn.Module):
                 f"SAM2-UNet {self.config.name} needs input sides that are multiples of "
                 f"{multiple}; got {height}x{width} (resize to e.g. 352x352)"
             )
+
+
+def to_work_size(x: torch.Tensor, work_size: int | None) -> torch.Tensor:
+    """Resize an N x C x H x W batch to work_size (antialiased when shrinking); no-op when unset."""
+    if not work_size or tuple(x.shape[-2:]) == (work_size, work_size):
+        return x
+    shrink = x.shape[-1] > work_size
+    return F.interpolate(x, size=(work_size, work_size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def build_sam2unet(config: str | Sam2UnetConfig = "large") -> Sam2Unet:

@@ -238,11 +238,29 @@ def card_extra(args, best_state) -> dict:
             "steps": args.steps,
             "chosen_step": int(best_state.get("step", args.steps)),
             "validation_dice": round(float(best_state.get("val_dice", float("nan"))), 4),
-            "resolution": f"{args.size}px for {args.steps - args.hires_steps} steps (batch {args.batch}), "
-            f"{EVAL_SIZE}px for {args.hires_steps} (batch {args.hires_batch})",
+            "resolution": (f"{args.size}px crops, batch {args.batch}"
+                           + (f"; then {args.hires_steps} steps at {EVAL_SIZE}px, batch {args.hires_batch}"
+                              if args.hires_steps else "")),
             "loss": "weighted BCE + weighted IoU on all three outputs",
             "ema_decay": args.ema,
         },
+        "data": training_data_note(),
+    }
+
+
+def training_data_note() -> dict:
+    """Sources, attribution and the held-out split, for the model card."""
+    from .data import ATTRIBUTION, VAL_AAL, VAL_CT_ORGANS, VAL_VERTEBRAE
+    from .evaluate import TEST_SCAN
+
+    return {
+        "sources": [ATTRIBUTION["colin27"], ATTRIBUTION["totalseg"] + " (example_ct_sm, example_ct)"],
+        "images": "the real scans (jittered windows), synthetic contrasts drawn from their label maps "
+        "(SynthSeg-style: random intensity per label, bias field, noise, blur, gamma, deformation), "
+        "real scans with remapped intensities, and synthetic lesions painted into all three",
+        "validation": f"held-out structures of the training scans, for checkpoint choice: AAL {list(VAL_AAL)}, "
+        f"CT organs {list(VAL_CT_ORGANS)}, vertebra {list(VAL_VERTEBRAE)}",
+        "test": f"{TEST_SCAN[0]} with its label map: never used in training or checkpoint choice",
     }
 
 
@@ -267,25 +285,11 @@ def export(args, best_path: Path) -> Path:
 
 
 def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
-    """Export a plain torch model (first output only) with a card; legacy tracer."""
-    torch = _torch()
-    from ..export import _merge
+    """Export a plain torch model (first output only) with a card."""
+    from ..export import _first_logits_module, _merge, trace_onnx
     from ..models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
 
-    class First(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, image):
-            return self.inner(image)[0]
-
-    with torch.no_grad():
-        torch.onnx.export(
-            First(model).eval(), (torch.zeros(1, 3, EVAL_SIZE, EVAL_SIZE),), str(onnx_path),
-            input_names=["image"], output_names=["logits"], opset_version=17, dynamo=False,
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        )
+    trace_onnx(_first_logits_module(model.eval(), "nchw"), onnx_path)
     card = {
         "name": name or onnx_path.stem,
         "file": onnx_path.name,
@@ -316,7 +320,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--export", default=None, help="write the best EMA model to this .onnx (+ card)")
     p.add_argument("--name", default=None, help="model name in the card (default: file stem)")
     p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--hires-steps", type=int, default=300, help="final steps at 352 px")
+    p.add_argument("--hires-steps", type=int, default=0, help="final steps at 352 px (models without a work size)")
     p.add_argument("--size", type=int, default=192, help="crop size before the final steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--hires-batch", type=int, default=8)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.sam2unet import to_work_size
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
@@ -25,8 +27,9 @@ class PlainUNet(nn.Module):
     the first map is the prediction.
     """
 
-    def __init__(self, widths=(48, 96, 192, 384), stem_stride: int = 4):
+    def __init__(self, widths=(48, 96, 192, 384), stem_stride: int = 4, work_size: int | None = 192):
         super().__init__()
+        self.work_size = work_size
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 7, stride=stem_stride, padding=3, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -44,7 +47,7 @@ class PlainUNet(nn.Module):
 
     def forward(self, x):
         size = x.shape[-2:]
-        y = self.stem(x)
+        y = self.stem(to_work_size(x, self.work_size))
         skips = []
         for i, block in enumerate(self.enc):
             if i:
