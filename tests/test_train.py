@@ -1,0 +1,56 @@
+"""`sam2unet train` on the real scans: crops, a short run, resume, export to the model contract."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the [export] extra (torch)")
+
+from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
+from napari_sam2unet.cli import main  # noqa: E402
+from napari_sam2unet.models import InputSpec, find_model  # noqa: E402
+from napari_sam2unet.training import data as tdata  # noqa: E402
+
+
+def test_training_crops_show_a_boxed_structure(shared_data):
+    sources = tdata.load_sources(shared_data)
+    spec = InputSpec(channels="multiview", crop="box_aspect")
+    rng = np.random.default_rng(0)
+    x, y = tdata.batch(rng, sources, spec, (64, 64), 12)
+    assert x.shape == (12, 3, 64, 64) and y.shape == (12, 1, 64, 64)
+    assert np.isfinite(x).all()
+    share = y.mean(axis=(1, 2, 3))
+    assert (share > 0).all() and (share < 0.98).all()
+    # the crop is centred on the box drawn around the target (small ones get 24 px of context)
+    centres = np.array([np.argwhere(target[0]).mean(axis=0) / 64 for target in y])
+    assert ((centres > 0.25) & (centres < 0.75)).all()
+    # the three channels are different views (multiview), not copies
+    assert np.abs(x[:, 0] - x[:, 1]).mean() > 0.05
+
+
+def test_validation_structures_are_held_out_of_training(shared_data):
+    train = {(s.name, li, lid) for s in tdata.load_sources(shared_data) for (_, li, lid) in s.slices}
+    val = {(s.name, li, lid) for s in tdata.validation_sources(shared_data) for (_, li, lid) in s.slices}
+    assert val and not train & val
+
+
+def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--config", "compact_s", "--data-dir", str(shared_data), "--out-dir", str(out),
+              "--size", "64", "--batch", "2", "--val-crops", "4", "--val-every", "2", "--log-every", "2",
+              "--warmup", "1", "--threads", "2"]
+    assert main([*common, "--steps", "2"]) == 0
+    onnx_path = tmp_path / "tiny.onnx"
+    assert main([*common, "--steps", "4", "--resume", "--export", str(onnx_path), "--name", "tiny"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the second run went on from step 2
+    card = find_model(onnx_path)  # hash checked
+    assert card.input.channels == "multiview" and card.input.crop == "box_aspect"
+    assert card.raw["training"]["steps"] == 4 and "test" in card.raw["data"]
+    logits = OnnxBackend(card, threads=2).predict(np.zeros((1, 3, 352, 352), np.float32))
+    assert logits.shape == (1, 1, 352, 352) and np.isfinite(logits).all()
+
+
+def test_missing_training_data_is_named(tmp_path):
+    assert main(["train", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "r"), "--steps", "1"]) == 2
