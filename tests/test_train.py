@@ -53,4 +53,5 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
 
 
 def test_missing_training_data_is_named(tmp_path):
-    assert main(["train", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "r"), "--steps", "1"]) == 2
+    args = ["train", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "r"), "--steps", "1"]
+    assert main(args) == 2
