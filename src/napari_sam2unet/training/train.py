@@ -63,7 +63,7 @@ def build_model(arch: str, config: str):
 
 
 class Ema:
-    """Exponential moving average of a model's weights (buffers copied)."""
+    """Exponential moving average of a model's weights and floating-point buffers."""
 
     def __init__(self, model, decay: float):
         import copy
@@ -81,8 +81,13 @@ class Ema:
         with torch.no_grad():
             for e, p in zip(self.model.parameters(), model.parameters()):
                 e.mul_(d).add_(p.detach(), alpha=1 - d)
+            # BatchNorm statistics are averaged too: the live model's statistics belong to the
+            # live weights, and with averaged weights they broke validation now and then.
             for e, b in zip(self.model.buffers(), model.buffers()):
-                e.copy_(b)
+                if e.dtype.is_floating_point:
+                    e.mul_(d).add_(b.detach(), alpha=1 - d)
+                else:
+                    e.copy_(b)
 
 
 def dice_scores(model, xs, ys, device, batch=8) -> float:
@@ -319,7 +324,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--out-dir", default="runs/compact", help="checkpoints and log.jsonl")
     p.add_argument("--export", default=None, help="write the best EMA model to this .onnx (+ card)")
     p.add_argument("--name", default=None, help="model name in the card (default: file stem)")
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--hires-steps", type=int, default=0, help="final steps at 352 px (models without a work size)")
     p.add_argument("--size", type=int, default=192, help="crop size before the final steps")
     p.add_argument("--batch", type=int, default=16)
@@ -333,7 +338,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--crop", choices=("square", "box_aspect"), default="box_aspect")
     p.add_argument("--margin", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-crops", type=int, default=96)
+    p.add_argument("--val-crops", type=int, default=160)
     p.add_argument("--val-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
