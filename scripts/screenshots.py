@@ -45,7 +45,7 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 900)
     (image,) = viewer.open(str(image_path), plugin="napari-sam2unet")
-    viewer.dims.order = (2, 0, 1)  # axial slices of this LPS volume
+    viewer.dims.order = (2, 1, 0)  # axial slices of this LPS volume, in radiological view
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="SAM2-UNet", area="right")
     viewer.dims.set_current_step(2, SLICE)

@@ -201,3 +201,15 @@ def test_nan_voxels_count_as_the_lowest_intensity_and_are_reported(qtbot, ball, 
     run_and_wait(qtbot, widget)
     assert any("108 NaN or infinite voxels" in m for m in messages["warning"])
     assert dice(labels_layer(viewer).data[:, :, 6] > 0, truth[:, :, 6]) > 0.9
+
+
+def test_propagation_fills_the_volume_and_the_status_tells_the_end(qtbot, ball):
+    viewer, widget, _, _, shapes, truth = ball
+    add_box(shapes, 6, 10, 8, 38, 32)
+    widget.scope.value = "propagate from this slice"
+    run_and_wait(qtbot, widget)
+    qtbot.wait(200)  # let any late Qt event through
+    labels = labels_layer(viewer).data > 0
+    assert dice(labels, truth) > 0.9
+    assert widget.status.value.startswith(f"{len(widget._undo[-1].result.slices)} slices")
+    assert "ms per slice" in widget.status.value

@@ -208,6 +208,8 @@ class SegmentWidget(Container):
         self._undo: list[Run] = []
         self._redo: list[Run] = []
         self._created_layer = False
+        self._signals: list = []  # worker signals waiting for the one being handled
+        self._handling = False
 
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.add_prompts_button = PushButton(text="Add prompt layers (points, boxes)")
@@ -356,7 +358,7 @@ class SegmentWidget(Container):
                 name=f"{image.name} boxes",
                 edge_color="yellow",
                 face_color="transparent",
-                edge_width=1.5 * float(min(image.scale[-2:])),
+                edge_width=0.6 * float(min(image.scale[-2:])),
                 **frame,
             )
         if points is None:
@@ -465,11 +467,11 @@ class SegmentWidget(Container):
             self._say(str(error), error)
             return None
         worker = create_worker(self._work, job, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_yield)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.aborted.connect(self._on_abort)
-        worker.finished.connect(self._on_finished)
+        worker.yielded.connect(lambda message: self._in_order(self._on_yield, message))
+        worker.returned.connect(lambda value: self._in_order(self._on_done, value))
+        worker.errored.connect(lambda error: self._in_order(self._on_error, error))
+        worker.aborted.connect(lambda: self._in_order(self._on_abort))
+        worker.finished.connect(lambda: self._in_order(self._on_finished))
         self._worker = worker
         self._job = job
         # The labels layer exists before the thread starts: adding a layer processes Qt events,
@@ -480,6 +482,27 @@ class SegmentWidget(Container):
         self.status.value = "loading the model..."
         worker.start()
         return worker
+
+    def _in_order(self, handler, *args):
+        """Handle worker signals one at a time, in the order they came.
+
+        Updating a layer or napari's progress bar can process Qt events, which delivers the
+        next worker signal inside the current handler; without this queue a late progress
+        message could overwrite the final status, or a run end in the middle of a batch.
+        """
+        self._signals.append((handler, args))
+        if self._handling:
+            return
+        self._handling = True
+        try:
+            while self._signals:
+                handler, args = self._signals.pop(0)
+                try:
+                    handler(*args)
+                except Exception as error:  # a bug of ours must not stop the signals behind it
+                    self._say(str(error), error)
+        finally:
+            self._handling = False
 
     def _work(self, job):
         """The worker thread: open the engine, set the volume, segment batch by batch."""
