@@ -101,6 +101,9 @@ def test_box_run_then_threshold_and_points_refine_without_the_model(qtbot, ball)
     run_and_wait(qtbot, widget)
     labels = labels_layer(viewer)
     assert dice(labels.data[:, :, 6] > 0, truth[:, :, 6]) > 0.9
+    # which backend runs, and on hover why (no aidlite here: not the NPU)
+    assert widget.backend_info.value.startswith("onnxruntime CPU")
+    assert "NPU not used" in widget.backend_info.tooltip
     engine = widget.engine
     calls = engine.backend_calls
     before = int((labels.data > 0).sum())

@@ -544,8 +544,8 @@ class SegmentWidget(Container):
 
     def _show_engine(self, engine: Engine, reason: str):
         self.engine = engine
-        short = reason.split(" (")[0]
-        self.backend_info.value = f"{engine.backend.describe()}: {short}"
+        # The device in the panel; why this backend (e.g. why not the NPU) on hover.
+        self.backend_info.value = engine.backend.device
         self.backend_info.tooltip = reason
 
     def _start_run(self, job) -> Run:
