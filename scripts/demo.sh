@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mkdir -p out
 image=$(.venv/bin/python -c "from napari_sam2unet._sample_data import sample_paths; print(sample_paths()[0])")
-# A box around the liver on slice 10 (rows 20-76, columns 10-58 of the 117x91 axial slice),
+# A box around the liver on slice 10 (rows 8-42, columns 21-70 of the 117x91 axial slice),
 # propagated up and down the volume until the liver ends.
-.venv/bin/sam2unet segment "$image" --box 10:20,10,76,58 --scope propagate \
+.venv/bin/sam2unet segment "$image" --box 10:8,21,43,71 --scope propagate \
   --out out/sample_liver.nii.gz --overwrite
 echo "open it: .venv/bin/napari --plugin napari-sam2unet $image out/sample_liver.nii.gz"

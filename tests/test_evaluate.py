@@ -39,6 +39,7 @@ def test_cases_get_one_box_per_touched_slice_enlarged_by_ten_percent():
     assert [b.slice for b in case.boxes["tight"]] == [1, 2, 3]
     box = case.boxes["tight"][0]
     assert box.rect == pytest.approx((9.5, 4.0, 20.5, 26.0))
+    assert case.boxes["propagated"] == [box]  # one box, on the largest slice (the first of equals)
     jittered = case.boxes["jittered"][0]
     assert jittered.rect != box.rect and jittered.i0 <= 10.5 and jittered.i1 >= 19.5
 

@@ -82,6 +82,8 @@ class ModelCard:
     input: InputSpec = field(default_factory=InputSpec)
     output_shape: tuple[int, int, int, int] = (1, 1, 352, 352)
     threshold: float = 0.5
+    # Average the logits of the slice and its three flips (4x the model's work, steadier edges).
+    flip_average: bool = False
     sha256: str | None = None
     card_path: Path | None = None
     npu: list[NpuBinary] = field(default_factory=list)
@@ -159,6 +161,7 @@ def card_from_dict(data: dict[str, Any], card_path: Path) -> ModelCard:
         input=input_spec,
         output_shape=_tuple(output.get("shape", (1, 1, 352, 352)), 4, "output.shape", card_path),
         threshold=float(data.get("threshold", 0.5)),
+        flip_average=bool(data.get("flip_average", False)),
         sha256=data.get("sha256"),
         card_path=card_path,
         npu=npu,

@@ -2,9 +2,10 @@
 
 Every slice a structure touches gets a box from its reference outline, enlarged by 10% (the
 "tight" protocol) or moved and resized at random as people draw them (the "jittered" protocol,
-fixed seed). Each model segments those slices through the engine, exactly as the CLI would;
-the classical baseline (Otsu inside the box, the region under the box centre, holes filled)
-sees the same boxes and the same intensity window.
+fixed seed). The "propagated" protocol boxes only the structure's largest slice and propagates
+from there, as `--scope propagate` does. Each model segments through the engine, exactly as the
+CLI would; the classical baseline (Otsu inside the box, the region under the box centre, holes
+filled) sees the same boxes, the same intensity window and the same propagation rule.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TEST_SCAN = ("totalseg/example_mr_sm.nii.gz", "totalseg/example_seg_mr.nii.gz")
 MIN_VOXELS = 50  # structures smaller than this in the whole volume are not scored
 SMALL_VOXELS = 500  # structures below this are reported as "small" too
 ENLARGE = 0.10
-PROTOCOLS = ("tight", "jittered")
+PROTOCOLS = ("tight", "jittered", "propagated")
 
 
 @dataclass
@@ -77,6 +78,7 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             continue
         mask = labels == label
         case = Case(scan, int(label), mask, {p: [] for p in PROTOCOLS})
+        largest = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))
         for k in range(mask.shape[axis]):
             plane = np.take(mask, k, axis=axis)
             if not plane.any():
@@ -86,6 +88,8 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             rows, cols = (int(r[0]), int(r[-1]) + 1), (int(c[0]), int(c[-1]) + 1)
             case.boxes["tight"].append(Box(k, *enlarged_box(rows, cols, plane.shape, ENLARGE)))
             case.boxes["jittered"].append(Box(k, *jittered_box(rng, rows, cols, plane.shape)))
+            if k == largest:
+                case.boxes["propagated"].append(case.boxes["tight"][-1])
         cases.append(case)
     return cases
 
@@ -125,13 +129,29 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
     return mask
 
 
-def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, window: str) -> np.ndarray:
+def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, window: str, propagate: bool = False) -> np.ndarray:
+    """Otsu in each box; with propagate, from each box outwards with the engine's rule."""
+    from ..engine import MIN_PROPAGATE_PIXELS, PROPAGATE_GROWTH, mask_box
+
     view = plan_views(data, window, "replicate")[0]
     out = np.zeros(data.shape, dtype=bool)
-    for box in boxes:
+
+    def plane(k):
         index = [slice(None)] * 3
-        index[axis] = box.slice
-        out[tuple(index)] |= otsu_in_box(view.apply(data[tuple(index)]), box.rect)
+        index[axis] = k
+        return tuple(index)
+
+    for box in boxes:
+        first = otsu_in_box(view.apply(data[plane(box.slice)]), box.rect)
+        out[plane(box.slice)] |= first
+        for step in (-1, 1) if propagate else ():
+            previous, k = first, box.slice + step
+            while 0 <= k < data.shape[axis] and (rect := mask_box(previous, PROPAGATE_GROWTH)) is not None:
+                previous = otsu_in_box(view.apply(data[plane(k)]), rect)
+                if previous.sum() < MIN_PROPAGATE_PIXELS:
+                    break
+                out[plane(k)] |= previous
+                k += step
     return out
 
 
@@ -168,7 +188,7 @@ def evaluate(
     for volume, cases in loaded:
         for case in cases:
             for protocol in PROTOCOLS:
-                pred = baseline_volume(volume.data, case.boxes[protocol], axis, window)
+                pred = baseline_volume(volume.data, case.boxes[protocol], axis, window, protocol == "propagated")
                 method[protocol].append(dice(pred, case.mask))
     for model in models:
         card = find_model(model)
@@ -181,7 +201,8 @@ def evaluate(
                 engine.set_volume(volume.data, volume.spacing, axis, window)
                 for case in cases:
                     for protocol in PROTOCOLS:
-                        result = engine.segment(Prompts(boxes=case.boxes[protocol]), scope="slices")
+                        scope = "propagate" if protocol == "propagated" else "slices"
+                        result = engine.segment(Prompts(boxes=case.boxes[protocol]), scope=scope)
                         scores[protocol].append(dice(result.mask, case.mask))
             name = card.name if card.name not in report["methods"] else f"{card.name} ({model})"
             report["methods"][name] = scores
