@@ -32,7 +32,9 @@ def wait(widget: SegmentWidget, seconds: float = 120) -> None:
         app.processEvents()
 
 
-def shoot(viewer, name: str) -> None:
+def shoot(viewer, name: str, reset: bool = True) -> None:
+    if reset:
+        viewer.reset_view()
     for _ in range(10):
         QApplication.instance().processEvents()
     viewer.window.screenshot(str(OUT / name), canvas_only=False)
@@ -43,7 +45,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     image_path, labels_path = sample_paths()
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1500, 900)
+    viewer.window._qt_window.resize(1600, 950)
     (image,) = viewer.open(str(image_path), plugin="napari-sam2unet")
     viewer.dims.order = (2, 1, 0)  # axial slices of this LPS volume, in radiological view
     widget = SegmentWidget(viewer)
@@ -57,7 +59,6 @@ def main() -> None:
     corners = [[rows[0] - 2, cols[0] - 2, SLICE], [rows[0] - 2, cols[-1] + 2, SLICE],
                [rows[-1] + 2, cols[-1] + 2, SLICE], [rows[-1] + 2, cols[0] - 2, SLICE]]
     shapes.add_rectangles(np.array(corners, dtype=float))
-    viewer.reset_view()
     shoot(viewer, "1-box-prompt.png")
 
     widget.scope.value = "propagate from this slice"
@@ -68,10 +69,14 @@ def main() -> None:
     shoot(viewer, "2-propagated.png")
 
     viewer.dims.ndisplay = 3
-    image.visible = False
-    viewer.camera.angles = (0, -60, 60)
+    for layer in (image, points, shapes):
+        layer.visible = False
     viewer.reset_view()
-    shoot(viewer, "3-liver-3d.png")
+    labels = viewer.layers[f"{image.name} labels"]
+    viewer.camera.center = labels.data_to_world(np.argwhere(labels.data).mean(axis=0))
+    labels.opacity = 1.0
+    viewer.camera.angles = (-15, 25, 120)
+    shoot(viewer, "3-liver-3d.png", reset=False)
     viewer.close()
 
 
