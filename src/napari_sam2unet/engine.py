@@ -313,7 +313,7 @@ class Engine:
                     task = self.box_task(Box(current, *box))
                     self._run_tasks([task])
                     mask = self.postprocess(current, [task], prompts, threshold)
-                    if mask.sum() < MIN_PROPAGATE_PIXELS or _overlap(mask, previous) < PROPAGATE_MIN_OVERLAP:
+                    if not propagation_continues(mask, previous):
                         break
                     result.slices[current] = SliceResult([task], mask)
                     done += 1
@@ -392,10 +392,12 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
 
 
-def _overlap(mask: np.ndarray, previous: np.ndarray) -> float:
-    """Intersection over union of two neighbouring slices' masks."""
+def propagation_continues(mask: np.ndarray, previous: np.ndarray) -> bool:
+    """Whether a propagated slice's mask is still the structure: not vanished, not jumped away."""
+    if mask.sum() < MIN_PROPAGATE_PIXELS:
+        return False
     union = np.logical_or(mask, previous).sum()
-    return float(np.logical_and(mask, previous).sum() / union) if union else 0.0
+    return np.logical_and(mask, previous).sum() >= PROPAGATE_MIN_OVERLAP * union
 
 
 def mask_box(mask: np.ndarray, margin: float) -> tuple[float, float, float, float] | None:

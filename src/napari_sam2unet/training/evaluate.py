@@ -131,7 +131,7 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
 
 def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, window: str, propagate: bool = False) -> np.ndarray:
     """Otsu in each box; with propagate, from each box outwards with the engine's rule."""
-    from ..engine import MIN_PROPAGATE_PIXELS, PROPAGATE_GROWTH, mask_box
+    from ..engine import PROPAGATE_GROWTH, mask_box, propagation_continues
 
     view = plan_views(data, window, "replicate")[0]
     out = np.zeros(data.shape, dtype=bool)
@@ -147,11 +147,11 @@ def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, window: str, 
         for step in (-1, 1) if propagate else ():
             previous, k = first, box.slice + step
             while 0 <= k < data.shape[axis] and (rect := mask_box(previous, PROPAGATE_GROWTH)) is not None:
-                previous = otsu_in_box(view.apply(data[plane(k)]), rect)
-                if previous.sum() < MIN_PROPAGATE_PIXELS:
+                mask = otsu_in_box(view.apply(data[plane(k)]), rect)
+                if not propagation_continues(mask, previous):
                     break
-                out[plane(k)] |= previous
-                k += step
+                out[plane(k)] |= mask
+                previous, k = mask, k + step
     return out
 
 
