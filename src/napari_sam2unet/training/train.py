@@ -294,7 +294,7 @@ def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
     from ..export import _first_logits_module, _merge, trace_onnx
     from ..models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
 
-    trace_onnx(_first_logits_module(model.eval(), "nchw"), onnx_path)
+    trace_onnx(_first_logits_module(model, "nchw").eval(), onnx_path)
     card = {
         "name": name or onnx_path.stem,
         "file": onnx_path.name,
