@@ -203,8 +203,9 @@ def export_onnx(
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise ModelError(f"the output {out_path} must end in .onnx")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     if int8:
-        with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             fp32 = export_fp32(model, Path(tmp) / "fp32.onnx", batch, layout)
             quantize_int8(fp32, out_path)
     else:
