@@ -7,8 +7,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from napari_sam2unet.models import ModelCard, load_card, sha256_file, write_card
+
+# The same examples on every run: CI must not turn red on a run's random draw. (A randomised
+# run once found crop_for_box rounding a hair inside a box; that example is now fixed.)
+settings.register_profile("repeatable", derandomize=True)
+settings.load_profile("repeatable")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -148,7 +148,9 @@ def crop_for_box(
     if mode == "square":
         height_mm = width_mm = max(height_mm, width_mm)
     half_r, half_c = height_mm / sr / 2, width_mm / sc / 2
-    return Crop(centre_r - half_r, centre_c - half_c, centre_r + half_r, centre_c + half_c)
+    # min/max: millimetres and back can round a margin-free crop a hair inside the box.
+    return Crop(float(min(centre_r - half_r, r0)), float(min(centre_c - half_c, c0)),
+                float(max(centre_r + half_r, r1)), float(max(centre_c + half_c, c1)))
 
 
 def crop_for_slice(shape: tuple[int, int], spacing: tuple[float, float] = (1.0, 1.0), mode: str = "square") -> Crop:
