@@ -9,4 +9,5 @@ image=$(.venv/bin/python -c "from napari_sam2unet._sample_data import sample_pat
 # propagated up and down the volume until the liver ends.
 .venv/bin/sam2unet segment "$image" --box 10:8,21,43,71 --scope propagate \
   --out out/sample_liver.nii.gz --overwrite
-echo "open it: .venv/bin/napari --plugin napari-sam2unet $image out/sample_liver.nii.gz"
+echo "to look at it in napari: .venv/bin/pip install -e '.[napari]'" \
+  "&& .venv/bin/napari --plugin napari-sam2unet $image out/sample_liver.nii.gz"

@@ -110,6 +110,23 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         unused_up4=False,
         work_size=192,
     ),
+    # Patch stride 4 as in the official models: finer first features (48x48 at the work size)
+    # for a narrower trunk.
+    "compact_s4": Sam2UnetConfig(
+        name="compact_s4",
+        embed_dim=32,
+        num_heads=1,
+        stages=(1, 2, 4, 1),
+        global_att_blocks=(4, 5, 6, 7),
+        window_spec=(4, 4, 4, 4),
+        patch_kernel=7,
+        patch_stride=4,
+        patch_padding=3,
+        adapter_dim=16,
+        rfb_channels=32,
+        unused_up4=False,
+        work_size=192,
+    ),
     "compact_s": Sam2UnetConfig(
         name="compact_s",
         embed_dim=32,
