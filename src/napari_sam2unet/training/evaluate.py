@@ -129,11 +129,10 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
     return mask
 
 
-def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, window: str, propagate: bool = False) -> np.ndarray:
-    """Otsu in each box; with propagate, from each box outwards with the engine's rule."""
+def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, propagate: bool = False) -> np.ndarray:
+    """Otsu in each box (on the window `view`); with propagate, outwards with the engine's rule."""
     from ..engine import PROPAGATE_GROWTH, mask_box, propagation_continues
 
-    view = plan_views(data, window, "replicate")[0]
     out = np.zeros(data.shape, dtype=bool)
 
     def plane(k):
@@ -186,9 +185,10 @@ def evaluate(
     # the classical baseline
     method = report["methods"].setdefault("otsu-in-box", {p: [] for p in PROTOCOLS})
     for volume, cases in loaded:
+        view = plan_views(volume.data, window, "replicate")[0]  # the window the models get first
         for case in cases:
             for protocol in PROTOCOLS:
-                pred = baseline_volume(volume.data, case.boxes[protocol], axis, window, protocol == "propagated")
+                pred = baseline_volume(volume.data, case.boxes[protocol], axis, view, protocol == "propagated")
                 method[protocol].append(dice(pred, case.mask))
     for model in models:
         card = find_model(model)
