@@ -41,10 +41,18 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
               "--size", "64", "--batch", "2", "--val-crops", "4", "--val-every", "2", "--log-every", "2",
               "--warmup", "1", "--threads", "2"]
     assert main([*common, "--steps", "2"]) == 0
+    # an interrupted run may have logged steps past its last checkpoint: they are run again
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 3, "loss": 1.0}\n')
     onnx_path = tmp_path / "tiny.onnx"
     assert main([*common, "--steps", "4", "--resume", "--export", str(onnx_path), "--name", "tiny"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4]  # the second run went on from step 2
+    # a fresh run into the same folder would overwrite its checkpoints: refused, nothing touched
+    before = (out / "last.pt").read_bytes()
+    assert main([*common, "--steps", "2"]) == 2
+    assert (out / "last.pt").read_bytes() == before
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
     card = find_model(onnx_path)  # hash checked
     assert card.input.channels == "multiview" and card.input.crop == "box_aspect"
     assert card.raw["training"]["steps"] == 4 and "test" in card.raw["data"]

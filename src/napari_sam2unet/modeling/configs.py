@@ -127,6 +127,23 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         unused_up4=False,
         work_size=192,
     ),
+    # compact_s4 with the official decoder width (RFB to 64 channels) and a second block at the
+    # finest stage: the compact models fit their training crops worse than a plain U-Net does.
+    "compact_w": Sam2UnetConfig(
+        name="compact_w",
+        embed_dim=32,
+        num_heads=1,
+        stages=(2, 2, 4, 1),
+        global_att_blocks=(5, 6, 7, 8),
+        window_spec=(4, 4, 4, 4),
+        patch_kernel=7,
+        patch_stride=4,
+        patch_padding=3,
+        adapter_dim=16,
+        rfb_channels=64,
+        unused_up4=False,
+        work_size=192,
+    ),
     "compact_s": Sam2UnetConfig(
         name="compact_s",
         embed_dim=32,

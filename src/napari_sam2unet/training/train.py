@@ -123,6 +123,16 @@ def _lr(step: int, args) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _drop_log_after(path: Path, step: int) -> None:
+    """Forget log lines past the checkpoint a run resumes from: those steps are run again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def train(args) -> Path:
     """Run (or resume) training; returns the path of the best EMA checkpoint."""
     torch = _torch()
@@ -155,7 +165,14 @@ def train(args) -> Path:
         print(f"resumed from {last_path} at step {step}", flush=True)
     elif args.resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
+    elif last_path.is_file():
+        # A fresh run would overwrite that run's checkpoints and mix into its log.
+        raise InputError(
+            f"{out} already holds a training run ({last_path.name}); pass --resume to continue it "
+            "or choose another --out-dir"
+        )
     vx, vy = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), n=args.val_crops, data_dir=data_dir)
+    _drop_log_after(out / "log.jsonl", step)
     log = open(out / "log.jsonl", "a")
 
     def save(path):
