@@ -56,6 +56,12 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
     card = find_model(onnx_path)  # hash checked
     assert card.input.channels == "multiview" and card.input.crop == "box_aspect"
     assert card.raw["training"]["steps"] == 4 and "test" in card.raw["data"]
+    # exporting again later needs only the run folder: the card describes the run, not this call
+    again = tmp_path / "again.onnx"
+    assert main(["train", "--export-only", "--out-dir", str(out), "--export", str(again), "--name", "again"]) == 0
+    card_again = find_model(again)
+    assert card_again.raw["architecture"]["config"] == "compact_s"
+    assert card_again.raw["training"]["steps"] == 4 and "--steps 4" in card_again.raw["training"]["command"]
     logits = OnnxBackend(card, threads=2).predict(np.zeros((1, 3, 352, 352), np.float32))
     assert logits.shape == (1, 1, 352, 352) and np.isfinite(logits).all()
 

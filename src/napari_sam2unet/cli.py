@@ -192,6 +192,8 @@ def run_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Recorded in the model cards that `train` writes, so a model says how it was made.
+    args.command_line = "sam2unet " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except Cancelled as error:

@@ -286,10 +286,25 @@ def training_data_note() -> dict:
     }
 
 
+def _training_args(args, state: dict) -> argparse.Namespace:
+    """The run's last settings (architecture, steps, command) with this call's export target.
+
+    `--export-only` may be called without repeating the training options: the model must be
+    built, and its card written, from what the checkpoint was trained with.
+    """
+    this_call = {"export", "name", "export_only", "out_dir", "data_dir", "threads", "cpu", "func"}
+    saved = {k: v for k, v in (state.get("args") or {}).items() if k not in this_call}
+    return argparse.Namespace(**{**vars(args), **saved})
+
+
 def export(args, best_path: Path) -> Path:
     """Export the best EMA weights: ONNX + model card."""
     torch = _torch()
     state = torch.load(best_path, map_location="cpu", weights_only=False)
+    if args.export_only:
+        last = best_path.with_name("last.pt")
+        run_state = torch.load(last, map_location="cpu", weights_only=False) if last.is_file() else state
+        args = _training_args(args, run_state)
     model = build_model(args.arch, args.config)
     model.load_state_dict(state["ema"])
     model.eval()
