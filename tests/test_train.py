@@ -69,3 +69,18 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
 def test_missing_training_data_is_named(tmp_path):
     args = ["train", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "r"), "--steps", "1"]
     assert main(args) == 2
+
+
+def test_a_run_distils_from_a_teacher_run(shared_data, tmp_path):
+    common = ["train", "--config", "compact_s", "--data-dir", str(shared_data), "--size", "64", "--batch", "2",
+              "--val-crops", "4", "--val-every", "2", "--log-every", "2", "--warmup", "1", "--threads", "2",
+              "--steps", "2"]
+    assert main([*common, "--arch", "unet", "--out-dir", str(tmp_path / "teacher")]) == 0
+    teacher = tmp_path / "teacher" / "best.pt"
+    student = tmp_path / "student.onnx"
+    assert main([*common, "--out-dir", str(tmp_path / "student"), "--teacher", str(teacher),
+                 "--export", str(student)]) == 0
+    training = find_model(student).raw["training"]
+    assert training["teacher"] == str(teacher) and "teacher" in training["loss"]
+    # a file that is not a training checkpoint is named, before any training
+    assert main([*common, "--out-dir", str(tmp_path / "bad"), "--teacher", str(student)]) == 2

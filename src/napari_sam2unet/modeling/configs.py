@@ -110,8 +110,8 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         unused_up4=False,
         work_size=192,
     ),
-    # Patch stride 4 as in the official models: finer first features (48x48 at the work size)
-    # for a narrower trunk.
+    # Tried for the bundled model and not chosen (docs/performance.md): patch stride 4 as in the
+    # official models, finer first features (48x48 at the work size) for a narrower trunk.
     "compact_s4": Sam2UnetConfig(
         name="compact_s4",
         embed_dim=32,
@@ -127,8 +127,8 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         unused_up4=False,
         work_size=192,
     ),
-    # compact_s4 with the official decoder width (RFB to 64 channels) and a second block at the
-    # finest stage: the compact models fit their training crops worse than a plain U-Net does.
+    # Tried for the bundled model and not chosen (docs/performance.md): compact_s4 with the
+    # official decoder width (RFB to 64 channels) and a second block at the finest stage.
     "compact_w": Sam2UnetConfig(
         name="compact_w",
         embed_dim=32,

@@ -48,6 +48,40 @@ def structure_loss(pred, mask):
     return (bce + iou).mean()
 
 
+def load_teacher(path, device):
+    """A trained run's best EMA weights (`best.pt`), frozen, to distil from."""
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--teacher {path} does not exist; give a run's best.pt")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception:  # torch raises several kinds for files it cannot read
+        state = None
+    if not isinstance(state, dict) or "ema" not in state or "args" not in state:
+        raise InputError(f"--teacher {path} is not a checkpoint written by `sam2unet train`")
+    saved = state["args"]
+    teacher = build_model(saved["arch"], saved["config"]).to(device)
+    teacher.load_state_dict(state["ema"])
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distill_loss(teacher, x, outs):
+    """BCE of each output against the teacher's probabilities on the same crops.
+
+    The teacher's soft maps average out the noise in the targets (outlines grown or shrunk at
+    random, faint synthetic lesions), which a model that fits its crops poorly learns from.
+    """
+    torch = _torch()
+    with torch.no_grad():
+        soft = torch.sigmoid(teacher(x)[0])
+    F = torch.nn.functional
+    return sum(F.binary_cross_entropy_with_logits(o, soft) for o in outs)
+
+
 def build_model(arch: str, config: str):
     if arch == "sam2unet":
         try:
@@ -171,6 +205,7 @@ def train(args) -> Path:
             f"{out} already holds a training run ({last_path.name}); pass --resume to continue it "
             "or choose another --out-dir"
         )
+    teacher = load_teacher(args.teacher, device) if args.teacher else None
     vx, vy = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), n=args.val_crops, data_dir=data_dir)
     _drop_log_after(out / "log.jsonl", step)
     log = open(out / "log.jsonl", "a")
@@ -206,6 +241,8 @@ def train(args) -> Path:
             model.train()
             outs = model(x)
             loss = sum(structure_loss(o, y) for o in outs[: 1 if args.arch == "unet" else 3])
+            if teacher is not None:
+                loss = loss + args.distill_weight * distill_loss(teacher, x, outs[: 1 if args.arch == "unet" else 3])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -263,7 +300,9 @@ def card_extra(args, best_state) -> dict:
             "resolution": (f"{args.size}px crops, batch {args.batch}"
                            + (f"; then {args.hires_steps} steps at {EVAL_SIZE}px, batch {args.hires_batch}"
                               if args.hires_steps else "")),
-            "loss": "weighted BCE + weighted IoU on all three outputs",
+            "loss": "weighted BCE + weighted IoU on all three outputs"
+            + (f" + {args.distill_weight} x BCE against the teacher's probabilities" if args.teacher else ""),
+            **({"teacher": str(args.teacher)} if args.teacher else {}),
             "ema_decay": args.ema,
         },
         "data": training_data_note(),
@@ -375,6 +414,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is present")
+    p.add_argument("--teacher", default=None, metavar="BEST_PT",
+                   help="distil from another run's best.pt (e.g. the plain U-Net's) as well as the labels")
+    p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.add_argument("--export-only", action="store_true", help="only export OUT_DIR/best.pt")
     p.set_defaults(func=run_train)

@@ -1,0 +1,48 @@
+"""Under- or over-fitting? Crop Dice of trained runs on training crops and on validation crops.
+
+A model that scores lower on crops drawn like its training data than on the held-out
+validation crops is not fitting what it was trained on: more data will not help it, a better
+fit will. Each run folder is one `sam2unet train --out-dir`; its best.pt is scored.
+Run: python benchmarks/bench_fit.py runs/compact runs/unet [--crops 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_sam2unet.models import InputSpec
+from napari_sam2unet.training import data as tdata
+from napari_sam2unet.training.train import EVAL_SIZE, build_model, dice_scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--crops", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=77, help="of the training crops (not the training seed)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = InputSpec(channels="multiview", crop="box_aspect", margin=0.15)
+    size = (EVAL_SIZE, EVAL_SIZE)
+    train_x, train_y = tdata.batch(np.random.default_rng(args.seed), tdata.load_sources(), spec, size, args.crops)
+    val_x, val_y = tdata.validation_set(spec, size, n=args.crops)
+    print("| run | arch / config | parameters (M) | training-crop Dice | validation-crop Dice |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+        saved = state["args"]
+        model = build_model(saved["arch"], saved["config"])
+        model.load_state_dict(state["ema"])
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        name = saved["config"] if saved["arch"] == "sam2unet" else "plain U-Net"
+        print(f"| {run} | {name} | {params:.1f} | {dice_scores(model, train_x, train_y, 'cpu'):.3f} "
+              f"| {dice_scores(model, val_x, val_y, 'cpu'):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
