@@ -2,10 +2,13 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="training needs the [export] extra (torch)")
+
+from conftest import write_nifti  # noqa: E402
 
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
 from napari_sam2unet.cli import main  # noqa: E402
@@ -84,3 +87,32 @@ def test_a_run_distils_from_a_teacher_run(shared_data, tmp_path):
     assert training["teacher"] == str(teacher) and "teacher" in training["loss"]
     # a file that is not a training checkpoint is named, before any training
     assert main([*common, "--out-dir", str(tmp_path / "bad"), "--teacher", str(student)]) == 2
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("missing", "does not exist"),
+        ("wrong grid", "same voxel grid"),
+        ("empty", "label map is empty"),
+    ],
+)
+def test_bad_training_data_stops_with_a_clear_message(shared_data, tmp_path, capsys, broken, message):
+    # the real training folder, with the vertebra label map missing, on another grid, or empty
+    data = tmp_path / "data"
+    for path in shared_data.rglob("*"):
+        if path.is_file():
+            (data / path.relative_to(shared_data)).parent.mkdir(parents=True, exist_ok=True)
+            (data / path.relative_to(shared_data)).symlink_to(path)
+    labels = data / "totalseg" / "example_ct_vertebrae.nii.gz"
+    labels.unlink()
+    shape = nib.load(str(shared_data / "totalseg" / "example_ct.nii.gz")).shape
+    if broken == "wrong grid":
+        write_nifti(labels, np.ones((shape[0], shape[1], shape[2] - 1), np.int16))
+    elif broken == "empty":
+        write_nifti(labels, np.zeros(shape, np.int16))
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(data), "--out-dir", str(out), "--steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "example_ct_vertebrae" in error
+    assert not (out / "last.pt").exists()
