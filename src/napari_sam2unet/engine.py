@@ -27,7 +27,7 @@ MIN_PROPAGATE_PIXELS = 4
 # Propagation also stops when a slice's mask overlaps its neighbour's by less than this IoU: it
 # has jumped to another structure. Chosen on held-out validation structures (docs/performance.md).
 PROPAGATE_GROWTH = 0.05
-PROPAGATE_MIN_OVERLAP = 0.6
+PROPAGATE_MIN_OVERLAP = 0.7
 # Slices per backend call; on 2 cores batch 4 is no faster than 1, but amortises Python overhead.
 DEFAULT_BATCH = 4
 _PROB_SCALE = 65535.0
