@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_sam2unet.models import InputSpec
 from napari_sam2unet.training import data as tdata
-from napari_sam2unet.training.train import EVAL_SIZE, build_model, dice_scores
+from napari_sam2unet.training.train import EVAL_SIZE, dice_scores, input_spec, load_run_model
 
 
 def main() -> None:
@@ -27,22 +26,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = InputSpec(channels="multiview", crop="box_aspect", margin=0.15)
     size = (EVAL_SIZE, EVAL_SIZE)
-    train_x, train_y = tdata.batch(np.random.default_rng(args.seed), tdata.load_sources(), spec, size, args.crops)
-    val_x, val_y = tdata.validation_set(spec, size, n=args.crops)
+    sources = tdata.load_sources()
+    crops = {}  # per input spec: (training crops, validation crops), the same for every run
     print("| run | arch / config | parameters (M) | training-crop Dice | validation-crop Dice |")
     print("|---|---|---|---|---|")
     for run in args.runs:
-        state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-        saved = state["args"]
-        model = build_model(saved["arch"], saved["config"])
-        model.load_state_dict(state["ema"])
+        model, saved = load_run_model(run / "best.pt", "cpu")
+        spec = input_spec(argparse.Namespace(**saved))
+        if spec not in crops:
+            rng = np.random.default_rng(args.seed)
+            crops[spec] = (tdata.batch(rng, sources, spec, size, args.crops),
+                           tdata.validation_set(spec, size, n=args.crops))
+        (train_x, train_y), (val_x, val_y) = crops[spec]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         name = saved["config"] if saved["arch"] == "sam2unet" else "plain U-Net"
         print(f"| {run} | {name} | {params:.1f} | {dice_scores(model, train_x, train_y, 'cpu'):.3f} "
               f"| {dice_scores(model, val_x, val_y, 'cpu'):.3f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

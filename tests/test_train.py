@@ -46,7 +46,7 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
     assert main([*common, "--steps", "2"]) == 0
     # an interrupted run may have logged steps past its last checkpoint: they are run again
     with open(out / "log.jsonl", "a") as log:
-        log.write('{"step": 3, "loss": 1.0}\n')
+        log.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')  # the last line cut short by the stop
     onnx_path = tmp_path / "tiny.onnx"
     assert main([*common, "--steps", "4", "--resume", "--export", str(onnx_path), "--name", "tiny"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]

@@ -7,6 +7,7 @@ import datetime as dt
 import importlib
 import importlib.util
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Recorded in the model cards that `train` writes, so a model says how it was made.
-    args.command_line = "sam2unet " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command_line = shlex.join(["sam2unet", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except Cancelled as error:

@@ -110,40 +110,6 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         unused_up4=False,
         work_size=192,
     ),
-    # Tried for the bundled model and not chosen (docs/performance.md): patch stride 4 as in the
-    # official models, finer first features (48x48 at the work size) for a narrower trunk.
-    "compact_s4": Sam2UnetConfig(
-        name="compact_s4",
-        embed_dim=32,
-        num_heads=1,
-        stages=(1, 2, 4, 1),
-        global_att_blocks=(4, 5, 6, 7),
-        window_spec=(4, 4, 4, 4),
-        patch_kernel=7,
-        patch_stride=4,
-        patch_padding=3,
-        adapter_dim=16,
-        rfb_channels=32,
-        unused_up4=False,
-        work_size=192,
-    ),
-    # Tried for the bundled model and not chosen (docs/performance.md): compact_s4 with the
-    # official decoder width (RFB to 64 channels) and a second block at the finest stage.
-    "compact_w": Sam2UnetConfig(
-        name="compact_w",
-        embed_dim=32,
-        num_heads=1,
-        stages=(2, 2, 4, 1),
-        global_att_blocks=(5, 6, 7, 8),
-        window_spec=(4, 4, 4, 4),
-        patch_kernel=7,
-        patch_stride=4,
-        patch_padding=3,
-        adapter_dim=16,
-        rfb_channels=64,
-        unused_up4=False,
-        work_size=192,
-    ),
     "compact_s": Sam2UnetConfig(
         name="compact_s",
         embed_dim=32,
@@ -160,6 +126,15 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
         work_size=192,
     ),
 }
+
+
+# Tried for the bundled model and not chosen (docs/performance.md): patch stride 4 as in the
+# official models, finer first features (48x48 at the work size) for a narrower trunk; and the
+# same with the official decoder width (RFB to 64 channels) and a second finest-stage block.
+CONFIGS["compact_s4"] = replace(CONFIGS["compact"], name="compact_s4", embed_dim=32, patch_stride=4)
+CONFIGS["compact_w"] = replace(
+    CONFIGS["compact_s4"], name="compact_w", stages=(2, 2, 4, 1), global_att_blocks=(5, 6, 7, 8), rfb_channels=64
+)
 
 
 def get_config(name_or_config: str | Sam2UnetConfig) -> Sam2UnetConfig:

@@ -48,22 +48,27 @@ def structure_loss(pred, mask):
     return (bce + iou).mean()
 
 
-def load_teacher(path, device):
-    """A trained run's best EMA weights (`best.pt`), frozen, to distil from."""
+def load_run_model(path, device, what: str = "checkpoint"):
+    """The best EMA weights of a `sam2unet train` run (its best.pt), built as that run's model."""
     torch = _torch()
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--teacher {path} does not exist; give a run's best.pt")
+        raise InputError(f"{what} {path} does not exist; give a run's best.pt")
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception:  # torch raises several kinds for files it cannot read
         state = None
     if not isinstance(state, dict) or "ema" not in state or "args" not in state:
-        raise InputError(f"--teacher {path} is not a checkpoint written by `sam2unet train`")
+        raise InputError(f"{what} {path} is not a checkpoint written by `sam2unet train`")
     saved = state["args"]
-    teacher = build_model(saved["arch"], saved["config"]).to(device)
-    teacher.load_state_dict(state["ema"])
-    teacher.eval()
+    model = build_model(saved["arch"], saved["config"]).to(device)
+    model.load_state_dict(state["ema"])
+    return model.eval(), saved
+
+
+def load_teacher(path, device):
+    """A trained run's model, frozen, to distil from."""
+    teacher, _ = load_run_model(path, device, "--teacher")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -139,7 +144,7 @@ def dice_scores(model, xs, ys, device, batch=8) -> float:
     return float(np.mean(scores))
 
 
-def _spec(args) -> InputSpec:
+def input_spec(args) -> InputSpec:
     return InputSpec(channels=args.channels, crop=args.crop, margin=args.margin)
 
 
@@ -161,8 +166,14 @@ def _drop_log_after(path: Path, step: int) -> None:
     """Forget log lines past the checkpoint a run resumes from: those steps are run again."""
     if not path.is_file():
         return
+    def logged_step(line: str):
+        try:
+            return json.loads(line).get("step")
+        except ValueError:  # a line cut short when the run was stopped
+            return None
+
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (logged := logged_step(line)) is not None and logged <= step]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -179,7 +190,7 @@ def train(args) -> Path:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    spec = _spec(args)
+    spec = input_spec(args)
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise InputError(f"training data folder {data_dir} does not exist; pass --data-dir")
@@ -239,10 +250,11 @@ def train(args) -> Path:
             for group in opt.param_groups:
                 group["lr"] = _lr(step, args)
             model.train()
-            outs = model(x)
-            loss = sum(structure_loss(o, y) for o in outs[: 1 if args.arch == "unet" else 3])
+            # The plain U-Net returns its one map three times; SAM2-UNet's three heads all learn.
+            outs = model(x)[: 1 if args.arch == "unet" else 3]
+            loss = sum(structure_loss(o, y) for o in outs)
             if teacher is not None:
-                loss = loss + args.distill_weight * distill_loss(teacher, x, outs[: 1 if args.arch == "unet" else 3])
+                loss = loss + args.distill_weight * distill_loss(teacher, x, outs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -423,9 +435,6 @@ def add_train_parser(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    import sys
-
-    args.command_line = "sam2unet " + " ".join(sys.argv[1:]) if not hasattr(args, "command_line") else args.command_line
     for what, value in (("--size", args.size),):
         if value % 32:
             raise InputError(f"{what} must be a multiple of 32, got {value}")
@@ -439,18 +448,3 @@ def run_train(args) -> int:
             raise InputError(f"no checkpoint {best} to export; train first")
         export(args, best)
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sam2unet")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    args = parser.parse_args(argv)
-    import sys
-
-    args.command_line = "sam2unet " + " ".join(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
