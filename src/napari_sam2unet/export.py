@@ -224,6 +224,27 @@ def export_onnx(
     return write_card(card, out_path.with_suffix(".yaml"))
 
 
+def export_qnn_ready(model, out_path: str | os.PathLike, config_name: str, **options) -> Path:
+    """Export for the QNN HTP compiler: batch 1, only operators QNN takes (see qnn/rewrite.py).
+
+    The plain export is rewritten in place, each rewrite checked against it within 1e-4; the
+    card records the differences measured. Returns the card path.
+    """
+    import yaml
+
+    from .qnn.rewrite import make_qnn_ready
+
+    if options.get("int8"):
+        raise ModelError("--target qnn quantises with calibration data in `sam2unet npu build`; drop --int8")
+    out_path = Path(out_path)
+    card_path = export_onnx(model, out_path, config_name, **{**options, "batch": "1"})
+    differences = make_qnn_ready(out_path, out_path)
+    card = yaml.safe_load(card_path.read_text())
+    card["sha256"] = sha256_file(out_path)
+    card["architecture"]["qnn_ready"] = {what: float(f"{d:.3g}") for what, d in differences.items()}
+    return write_card(card, card_path)
+
+
 def add_export_parser(subparsers) -> None:
     """Add `export CHECKPOINT --config NAME --out model.onnx [...]` to the CLI."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -243,6 +264,12 @@ def add_export_parser(subparsers) -> None:
     parser.add_argument("--batch", choices=("dynamic", "1"), default="dynamic")
     parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
     parser.add_argument("--name", default=None, help="model name in the card (default: file stem)")
+    parser.add_argument(
+        "--target",
+        choices=("onnx", "qnn"),
+        default="onnx",
+        help="qnn: batch 1 and only operators the QNN HTP compiler takes, for `sam2unet npu build`",
+    )
     parser.set_defaults(func=run_export)
 
 
@@ -257,7 +284,8 @@ def run_export(args) -> int:
     except ValueError as error:
         raise ModelError(str(error)) from None
     model = load_sam2unet(args.checkpoint, config)
-    card_path = export_onnx(
+    export = export_qnn_ready if getattr(args, "target", "onnx") == "qnn" else export_onnx
+    card_path = export(
         model,
         args.out,
         config.name,

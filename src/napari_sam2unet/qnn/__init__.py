@@ -1,0 +1,1 @@
+"""Qualcomm's QNN runtime (the onnxruntime-qnn wheel): QNN-ready graphs, context binaries, the runtime."""
