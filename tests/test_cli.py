@@ -104,3 +104,18 @@ def test_models_and_info_list_what_is_there(capsys, brightness_card, monkeypatch
     main(["info", "--model", "brightness"])
     info = capsys.readouterr().out
     assert "onnxruntime" in info and "backend auto -> CPU" in info
+
+
+def test_the_inputs_bids_json_is_kept_and_the_run_stops_before_the_work(mr, tmp_path, capsys, brightness_card):
+    (tmp_path / "bids").mkdir()
+    tmp_path = tmp_path / "bids"
+    source = tmp_path / "sub-01_T2w.nii.gz"
+    source.write_bytes(mr.read_bytes())
+    bids = tmp_path / "sub-01_T2w.json"
+    bids.write_text('{"EchoTime": 0.08}')
+    args = ["segment", str(source), "-o", str(tmp_path / "sub-01_T2w.nii"), "--model", str(brightness_card.file)]
+    _fails(capsys, [*args, "--overwrite"], "would also describe sub-01_T2w.nii.gz")
+    assert bids.read_text() == '{"EchoTime": 0.08}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-01_T2w.json", "sub-01_T2w.nii.gz"]
+    assert main([*args, "--no-sidecar", "-q"]) == 0
+    assert bids.read_text() == '{"EchoTime": 0.08}'

@@ -1,6 +1,9 @@
 """NIfTI reading and writing: geometry survives, bad files get clear messages, nothing is lost."""
 
 import gzip
+import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import write_nifti
 
+from napari_sam2unet import io
 from napari_sam2unet.errors import InputError
 from napari_sam2unet.io import read_volume, write_labels
 
@@ -23,7 +27,8 @@ def test_every_shared_volume_round_trips_with_itk_geometry(shared_data, tmp_path
     for path in paths:
         volume = read_volume(path)
         labels = (volume.data > np.median(volume.data)).astype(np.uint8)
-        out = write_labels(tmp_path / f"{path.name}-labels.nii.gz", labels, volume)
+        name = "-".join(path.relative_to(shared_data).parts)  # cases/*/image.nii.gz share a name
+        out = write_labels(tmp_path / f"{name}-labels.nii.gz", labels, volume)
         source, written = sitk.ReadImage(str(path)), sitk.ReadImage(str(out))
         assert written.GetSize() == source.GetSize()
         np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
@@ -153,3 +158,103 @@ def test_nifti2_keeps_its_format(tmp_path):
     back = nib.load(str(out))
     assert isinstance(back, nib.Nifti2Image)
     np.testing.assert_allclose(back.header.get_zooms(), (2.0, 2.0, 3.0))
+
+
+def _small_volume(tmp_path, name="img.nii.gz"):
+    return read_volume(write_nifti(tmp_path / name, np.random.rand(6, 5, 4).astype(np.float32)))
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- defect 1: the sidecar follows the no-overwrite rule --------------------------------------
+
+
+def test_an_existing_json_is_kept_without_overwrite(tmp_path):
+    volume = _small_volume(tmp_path)
+    (tmp_path / "seg.json").write_text("the user's notes")
+    with pytest.raises(InputError, match="seg.json already exists"):
+        write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"model": "x"})
+    assert (tmp_path / "seg.json").read_text() == "the user's notes"
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_the_inputs_own_bids_json_is_never_replaced_even_with_overwrite(tmp_path):
+    volume = _small_volume(tmp_path, "sub-01_T2w.nii.gz")
+    bids = tmp_path / "sub-01_T2w.json"
+    bids.write_text('{"RepetitionTime": 2.5}')
+    with pytest.raises(InputError, match="would also describe sub-01_T2w.nii.gz"):
+        write_labels(tmp_path / "sub-01_T2w.nii", np.ones((6, 5, 4), np.uint8), volume, sidecar={"m": 1},
+                     overwrite=True)
+    assert json.loads(bids.read_text()) == {"RepetitionTime": 2.5}
+    assert _names(tmp_path) == ["sub-01_T2w.json", "sub-01_T2w.nii.gz"]
+    # Without a sidecar nothing is in the way.
+    write_labels(tmp_path / "sub-01_T2w.nii", np.ones((6, 5, 4), np.uint8), volume)
+    assert json.loads(bids.read_text()) == {"RepetitionTime": 2.5}
+
+
+def test_pair_nii_and_nii_gz_do_not_share_one_sidecar(tmp_path):
+    volume = _small_volume(tmp_path)
+    labels = np.ones((6, 5, 4), np.uint8)
+    write_labels(tmp_path / "pair.nii", labels, volume, sidecar={"run": "first"})
+    with pytest.raises(InputError, match="would also describe pair.nii"):
+        write_labels(tmp_path / "pair.nii.gz", labels, volume, sidecar={"run": "second"}, overwrite=True)
+    assert json.loads((tmp_path / "pair.json").read_text()) == {"run": "first"}
+    assert not (tmp_path / "pair.nii.gz").exists()
+
+
+# --- defect 2: a second run to the same output never replaces the first one ------------------
+
+
+def test_a_file_that_appears_during_the_write_is_kept(tmp_path, monkeypatch):
+    """Two runs without --overwrite: the one that finishes second must not replace the first."""
+    volume = _small_volume(tmp_path)
+    out = tmp_path / "seg.nii.gz"
+    real_save = nib.save
+
+    def other_run_finishes_first(image, filename):
+        out.write_bytes(b"the other run's labels")  # after our check, before our publish
+        real_save(image, filename)
+
+    monkeypatch.setattr(io.nib, "save", other_run_finishes_first)
+    with pytest.raises(InputError, match="appeared while this run was writing"):
+        write_labels(out, np.ones((6, 5, 4), np.uint8), volume, sidecar={"m": 1})
+    assert out.read_bytes() == b"the other run's labels"
+    assert _names(tmp_path) == ["img.nii.gz", "seg.nii.gz"]  # no sidecar, no temporary file
+
+
+# --- defect 3: both files or neither -----------------------------------------------------------
+
+
+_SIDECAR_DISK_FULL = """
+import resource, signal, sys, numpy as np
+from napari_sam2unet.io import read_volume, write_labels
+from napari_sam2unet.errors import InputError
+volume = read_volume(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with an error
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+try:
+    write_labels(sys.argv[2], np.zeros(volume.data.shape, np.uint8), volume, sidecar={"notes": "x" * 100000})
+except InputError as error:
+    print(error)
+    sys.exit(2)
+"""
+
+
+def test_a_sidecar_that_cannot_be_written_leaves_no_label_map(tmp_path):
+    source = write_nifti(tmp_path / "img.nii.gz", np.random.rand(16, 16, 8).astype(np.float32))
+    out = tmp_path / "seg.nii.gz"
+    run = subprocess.run([sys.executable, "-c", _SIDECAR_DISK_FULL, str(source), str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "cannot write seg.json" in run.stdout and "nothing was written" in run.stdout
+    assert _names(tmp_path) == ["img.nii.gz"]  # a rerun needs no --overwrite
+
+
+def test_a_sidecar_path_that_is_a_folder_is_refused_before_anything_is_written(tmp_path):
+    volume = _small_volume(tmp_path)
+    (tmp_path / "seg.json").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"m": 1})
+    assert _names(tmp_path) == ["img.nii.gz", "seg.json"]

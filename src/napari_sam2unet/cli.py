@@ -6,9 +6,13 @@ import argparse
 import datetime as dt
 import importlib
 import importlib.util
+import math
+import os
 import platform
 import shlex
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -82,9 +86,12 @@ def run_segment(args: argparse.Namespace) -> int:
         raise Sam2UnetError(f"--label {args.label} is out of range; use 1 to 65535")
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise Sam2UnetError(f"--threshold {args.threshold} must lie between 0 and 1")
+    _check_threads(args.threads)
     prompts = Prompts([parse_box(b) for b in args.box], [parse_point(p) for p in args.point])
+    _check_finite_prompts(args.box, prompts.boxes, args.point, prompts.points)
     volume = read_volume(args.image, args.volume_index)
-    check_output_path(args.out, volume, args.overwrite)  # fail before minutes of work, not after
+    # Fail before minutes of work, not after: existing files, the sidecar, a folder we cannot write.
+    check_output_path(args.out, volume, args.overwrite, sidecar=not args.no_sidecar)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     for note in volume.notes:
         say(f"note: {note}")
@@ -93,7 +100,7 @@ def run_segment(args: argparse.Namespace) -> int:
     with backend:
         engine = Engine(backend)
         engine.set_volume(volume.data, volume.spacing, args.axis, args.window, args.replace_nonfinite)
-        say(f"model {card.name} on {backend.device}: {why}")
+        say(f"model {card.name} on {backend.device}{_brief_reason(args.backend, card, backend, why)}")
         result = engine.segment(prompts, args.scope, args.threshold, progress=_progress_bar(args.quiet))
     labels = result.labels(args.label)
     sidecar = None if args.no_sidecar else _provenance(args, card, backend, why, engine, result, prompts)
@@ -106,6 +113,29 @@ def run_segment(args: argparse.Namespace) -> int:
     if voxels == 0:
         say("warning: nothing was segmented; check the prompts, --window or a lower --threshold")
     return 0
+
+
+def _check_threads(threads: int | None) -> None:
+    # More threads than cores only makes onnxruntime spin: 10000 turned 0.3 s into minutes.
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cores:
+        raise Sam2UnetError(f"--threads {threads} is out of range; use 1 to {cores} (this machine has {cores} cores)")
+
+
+def _check_finite_prompts(box_texts, boxes, point_texts, points) -> None:
+    for text, box in zip(box_texts, boxes):
+        if not all(math.isfinite(v) for v in box.rect):
+            raise Sam2UnetError(f"--box {text}: corners must be numbers (voxel indices), not nan or inf")
+    for text, point in zip(point_texts, points):
+        if not (math.isfinite(point.i) and math.isfinite(point.j)):
+            raise Sam2UnetError(f"--point {text}: coordinates must be numbers (voxel indices), not nan or inf")
+
+
+def _brief_reason(asked: str, card, backend, why: str) -> str:
+    """Why this backend, in a few words: the long NPU explanation lives in `sam2unet info`."""
+    if backend.name != "cpu" or asked != "auto":
+        return f": {why}"
+    return " (NPU not used: `sam2unet info` says why)" if card.npu else ""
 
 
 def _progress_bar(quiet: bool):
@@ -190,22 +220,51 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (temporary files) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"sam2unet: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Recorded in the model cards that `train` writes, so a model says how it was made.
     args.command_line = shlex.join(["sam2unet", *(sys.argv[1:] if argv is None else argv)])
+    previous = _install_sigterm()
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line, not a file name and a source line
+            return args.func(args)
     except Cancelled as error:
         print(f"sam2unet: {error}", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sam2unet: terminated; nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("sam2unet: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Sam2UnetError as error:
         print(f"sam2unet: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm():
+    """Handle SIGTERM in the main thread (the previous handler is returned, to put back)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""NIfTI in and out: the image's geometry is kept to the bit, writes are atomic.
+"""NIfTI in and out: the image's geometry is kept to the bit, nothing the user has is ever lost.
 
-A label map written here opens aligned with its image in 3D Slicer and ITK-SNAP: it carries
-the source's qform and sform (with their codes), voxel sizes and orientation.
+A label map written here opens aligned with its image in 3D Slicer and ITK-SNAP: its header is
+the source's header (qform, sform, their codes, voxel sizes, units) with only the data type,
+scaling and intent changed. Writes are all-or-nothing: the label map and its JSON sidecar go to
+temporary files first and are published only when both are complete; an existing file is never
+replaced without `overwrite`, not even by a second run racing this one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +27,13 @@ from .errors import InputError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # The NIfTI intent code for label maps (NIFTI_INTENT_LABEL).
 _INTENT_LABEL = 1002
-# Refuse volumes that would need more than this share of the free memory as float32.
+# Refuse volumes that would need more than this share of the available memory as float32.
 _MEMORY_SHARE = 0.5
+# Available memory (free + reclaimable page cache) as Linux reports it.
+_MEMINFO = Path("/proc/meminfo")
+# Temporary files are short and hidden, so a legal long output name never becomes too long.
+_TEMP_PREFIX = ".sam2unet-"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -60,8 +71,18 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _free_memory_bytes() -> int | None:
+# --- reading -------------------------------------------------------------------------------
+
+
+def available_memory_bytes(meminfo: Path | None = None) -> int | None:
+    """Memory a new allocation can get: MemAvailable (page cache counts), not MemFree."""
     try:
+        for line in (meminfo or _MEMINFO).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # no /proc (macOS): free pages are the best the system says
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
@@ -70,17 +91,10 @@ def _free_memory_bytes() -> int | None:
 def read_volume(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     """Read a .nii/.nii.gz file as a 3D float32 volume (2D: one slice; 4D: one volume)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist; check the path")
-    if not is_nifti_path(path):
-        raise InputError(f"{path.name} is not a NIfTI file: open a .nii or .nii.gz image (convert DICOM with dcm2niix)")
-    try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises many types for broken headers
-        raise InputError(f"cannot read {path.name} as NIfTI ({_first_line(error)}); is the file complete?") from None
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(f"{path.name} is not a NIfTI-1 or NIfTI-2 image")
+    _check_input_path(path)
+    image = _load(path)
     shape = tuple(int(n) for n in image.shape)
+    _check_voxel_type(path, image.get_data_dtype())
     notes: list[str] = []
     # Trailing singleton dimensions (X, Y, Z, 1, 1) are common and harmless.
     squeezed = shape
@@ -104,22 +118,80 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None) -> Vol
         elif len(squeezed) == 2:
             data = data[..., np.newaxis]
             notes.append(f"{path.name} is a 2D image: treated as a volume of one slice")
-        data = np.asarray(data, dtype=np.float32)
+        data = _as_float32(path, data)
     except InputError:
         raise
+    except OSError as error:
+        raise InputError(_os_error_text(f"cannot read {path.name}", error, "check the file")) from None
     except Exception as error:
-        raise InputError(f"{path.name} is truncated or corrupt ({_first_line(error)}); export it again") from None
-    return Volume(data=data, affine=image.affine.copy(), header=image.header.copy(), path=path,
-                  source_shape=shape, notes=notes)
+        raise InputError(_corrupt_text(path, error)) from None
+    volume = Volume(data=data, affine=image.affine.copy(), header=image.header.copy(), path=path,
+                    source_shape=shape, notes=notes)
+    _check_spacing(path, volume.spacing)
+    return volume
+
+
+def _check_input_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image: give a .nii or .nii.gz file "
+                         f"(convert a DICOM folder with dcm2niix)")
+    if not path.exists():
+        raise InputError(f"{path} does not exist; check the path")
+    if not is_nifti_path(path):
+        raise InputError(f"{path.name} is not a NIfTI file: open a .nii or .nii.gz image (convert DICOM with dcm2niix)")
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    try:
+        image = nib.load(str(path))
+    except OSError as error:  # permissions, I/O: the file may well be complete
+        raise InputError(_os_error_text(f"cannot read {path.name}", error, "check the file's permissions")) from None
+    except Exception as error:  # nibabel raises many types for broken headers
+        raise InputError(f"cannot read {path.name} as NIfTI ({_first_line(error)}); is the file complete?") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path.name} is not a NIfTI-1 or NIfTI-2 image")
+    return image
+
+
+def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
+    """Intensities we can segment: one real number per voxel."""
+    if dtype.fields is not None:
+        raise InputError(f"{path.name} is a colour (RGB) image; segment a greyscale scan "
+                         f"(convert it to one channel first)")
+    if dtype.kind == "c":
+        raise InputError(f"{path.name} holds complex values; save its magnitude (or phase) as a real image "
+                         f"and segment that")
+
+
+def _as_float32(path: Path, data: np.ndarray) -> np.ndarray:
+    """float32, refusing finite intensities that float32 cannot hold (they would become Inf)."""
+    converted = np.asarray(data, dtype=np.float32)
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4:
+        overflow = ~np.isfinite(converted)
+        if overflow.any() and np.isfinite(data[overflow]).any():
+            top = float(np.max(np.abs(data[overflow][np.isfinite(data[overflow])])))
+            raise InputError(f"{path.name} has intensities up to {top:.3g}, beyond float32 (about 3.4e38); "
+                             f"rescale the image (e.g. divide it by a power of ten) and try again")
+    return converted
+
+
+def _check_spacing(path: Path, spacing: tuple[float, float, float]) -> None:
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{path.name} gives voxel sizes {_sizes(spacing)} in its header (pixdim); "
+                         f"fix them to positive sizes in mm, e.g. with nibabel or 3D Slicer")
+
+
+def _sizes(values) -> str:
+    return "x".join(f"{v:g}" for v in values)
 
 
 def _check_memory(path: Path, shape: tuple[int, ...]) -> None:
     needed = int(np.prod(shape, dtype=np.int64)) * 4
-    free = _free_memory_bytes()
-    if free is not None and needed > free * _MEMORY_SHARE:
+    available = available_memory_bytes()
+    if available is not None and needed > available * _MEMORY_SHARE:
         raise InputError(
             f"{path.name} ({'x'.join(map(str, shape))} voxels) needs {needed / 2**30:.1f} GiB as float32 but only "
-            f"{free / 2**30:.1f} GiB is free; crop or resample it first (e.g. in 3D Slicer: Crop Volume)"
+            f"{available / 2**30:.1f} GiB is available; crop or resample it first (e.g. in 3D Slicer: Crop Volume)"
         )
 
 
@@ -128,18 +200,110 @@ def _first_line(error: BaseException) -> str:
     return text[0][:200] if text else type(error).__name__
 
 
-def check_output_path(out: str | os.PathLike, source: Volume | None = None, overwrite: bool = False) -> Path:
-    """Refuse output paths that would lose the user's data or could not be read back."""
+def _corrupt_text(path: Path, error: BaseException) -> str:
+    """A header that promises more voxels than the file holds, in words; else nibabel's own."""
+    short = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(error))
+    if short:
+        return (f"{path.name} is truncated: its header promises {short[1]} bytes of voxels but the file holds "
+                f"{short[2]}; copy or export it again")
+    return f"{path.name} is truncated or corrupt ({_first_line(error)}); export it again"
+
+
+def _os_error_text(what: str, error: OSError, advice: str) -> str:
+    reason = error.strerror or _first_line(error)
+    return f"{what}: {reason[:1].lower()}{reason[1:]}; {advice}"
+
+
+# --- output paths ----------------------------------------------------------------------------
+
+
+def sidecar_path_for(path: Path) -> Path:
+    return path.with_name(_stem(path) + ".json")
+
+
+def check_output_path(
+    out: str | os.PathLike, source: Volume | None = None, overwrite: bool = False, sidecar: bool = False
+) -> Path:
+    """Refuse output paths that would lose the user's data or could not be written, before any work."""
     out = Path(out)
     if not is_nifti_path(out):
         raise InputError(f"output {out.name} must end in .nii.gz or .nii")
-    if source is not None and source.path is not None and out.resolve() == source.path.resolve():
+    _check_name_lengths(out, sidecar_path_for(out) if sidecar else None)
+    try:
+        _check_target(out, source, overwrite, sidecar)
+    except OSError as error:  # e.g. a folder on the way that cannot be searched
+        raise InputError(_os_error_text(f"cannot use {out}", error, "choose another --out")) from None
+    return out
+
+
+def _check_target(out: Path, source: Volume | None, overwrite: bool, sidecar: bool) -> None:
+    if out.is_dir():
+        raise InputError(f"the output {out} is a folder; give a file name ending in .nii.gz")
+    if source is not None and source.path is not None and _same_file(out, source.path):
         raise InputError(f"the output {out} is the input image; choose another --out path")
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another path or pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise InputError(f"the folder {out.parent} does not exist; create it first")
-    return out
+    if sidecar:
+        _check_sidecar_path(out, overwrite)
+    _check_writable(out.parent)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and os.path.samefile(a, b)  # a hard link to the input
+    except OSError:
+        return False
+
+
+def _check_name_lengths(*paths: Path | None) -> None:
+    for path in (p for p in paths if p is not None):
+        name_max = _pathconf(path.parent, "PC_NAME_MAX", 255)
+        if len(os.fsencode(path.name)) > name_max:
+            raise InputError(f"the file name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes long, over "
+                             f"this file system's limit of {name_max}; choose a shorter --out")
+        path_max = _pathconf(path.parent, "PC_PATH_MAX", 4096)
+        if len(os.fsencode(str(path.absolute()))) >= path_max:
+            raise InputError(f"the output path is {len(os.fsencode(str(path.absolute())))} bytes long, over this "
+                             f"system's limit of {path_max}; choose a shorter --out")
+
+
+def _pathconf(folder: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(folder, name))
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def _check_sidecar_path(out: Path, overwrite: bool) -> None:
+    """The sidecar `<stem>.json` must belong to `out` alone: never the input's BIDS/dcm2niix JSON."""
+    sidecar = sidecar_path_for(out)
+    if sidecar.is_dir():
+        raise InputError(f"the sidecar path {sidecar} is a folder; choose another --out or pass --no-sidecar")
+    for suffix in (".nii", ".nii.gz"):
+        other = out.with_name(_stem(out) + suffix)
+        if other.name != out.name and other.exists():
+            raise InputError(f"the sidecar {sidecar.name} would also describe {other.name} (same name); "
+                             f"choose another --out name or pass --no-sidecar")
+    if sidecar.exists() and not overwrite:
+        raise InputError(f"{sidecar} already exists; choose another --out, pass --overwrite to replace it, "
+                         f"or --no-sidecar")
+
+
+def _check_writable(folder: Path) -> None:
+    """Create and remove a temporary file: a read-only or full folder fails now, not after the work."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(_os_error_text(f"cannot write in {folder}", error, "choose another --out folder")) from None
+
+
+# --- label maps ------------------------------------------------------------------------------
 
 
 def labels_dtype(labels: np.ndarray) -> np.dtype:
@@ -154,26 +318,56 @@ def labels_dtype(labels: np.ndarray) -> np.dtype:
     raise InputError(f"label value {top} is above 65535; renumber the labels")
 
 
+def label_array(labels: np.ndarray) -> np.ndarray:
+    """Labels as uint8/uint16; fractional or NaN values are refused, never truncated."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "b":
+        return labels.astype(np.uint8)
+    if labels.dtype.kind not in "iuf":
+        raise InputError(f"label maps hold whole numbers; this one holds {labels.dtype}")
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise InputError(f"label values must be whole numbers; found {labels[bad].flat[0]:g}: "
+                             f"round or threshold the map first")
+    return labels.astype(labels_dtype(labels))
+
+
 def labels_image(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
-    """A NIfTI image of a label map in the geometry of `like` (its qform, sform, codes, zooms)."""
+    """A NIfTI image of a label map with `like`'s header: geometry fields copied, never recomputed."""
     if labels.shape != like.data.shape:
         raise InputError(f"label map shape {labels.shape} does not match the image {like.data.shape}")
-    array = np.asarray(labels).astype(labels_dtype(labels))
+    array = label_array(labels)
     if len(like.source_shape) == 2:
         array = array[..., 0]
     header = like.header.copy()
+    header.set_data_dtype(array.dtype)
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    image = image_class(array, like.affine, header=header)
-    image.set_data_dtype(array.dtype)
+    # affine=None: nibabel keeps the header's qform, sform, codes and pixdim as they are
+    # (given an affine it would recompute pixdim from it, which moves the labels in ITK).
+    image = image_class(array, None, header=header)
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0, float(array.max(initial=0))
     image.header.set_intent(_INTENT_LABEL)
     image.header["descrip"] = b"napari-sam2unet labels"
-    qform, qcode = like.header.get_qform(coded=True)
-    sform, scode = like.header.get_sform(coded=True)
-    image.set_qform(qform if qform is not None else like.affine, code=int(qcode or 0))
-    image.set_sform(sform if sform is not None else like.affine, code=int(scode or 0))
     return image
+
+
+def sidecar_text(record: dict[str, Any]) -> str:
+    """Strict JSON (no NaN/Infinity: those become null), indented."""
+    return json.dumps(_strict(record), indent=2, default=str, allow_nan=False)
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_labels(
@@ -183,29 +377,94 @@ def write_labels(
     sidecar: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a label map with `like`'s geometry, atomically; optionally a JSON sidecar beside it."""
-    path = check_output_path(path, like, overwrite)
+    """Write a label map with `like`'s geometry and optionally a JSON sidecar: both or neither."""
+    path = check_output_path(path, like, overwrite, sidecar is not None)
     image = labels_image(labels, like)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    _atomic_write(path, suffix, lambda tmp: nib.save(image, tmp))
+    files = [(path, suffix, lambda tmp: nib.save(image, tmp))]
     if sidecar is not None:
-        sidecar_path = sidecar_path_for(path)
-        text = json.dumps(sidecar, indent=2, default=str)
-        _atomic_write(sidecar_path, ".json", lambda tmp: Path(tmp).write_text(text))
+        text = sidecar_text(sidecar)
+        files.append((sidecar_path_for(path), ".json", lambda tmp: Path(tmp).write_text(text)))
+    write_all_or_nothing(files, overwrite)
     return path
 
 
-def sidecar_path_for(path: Path) -> Path:
-    return path.with_name(_stem(path) + ".json")
+def write_all_or_nothing(files: list[tuple[Path, str, Any]], overwrite: bool = False) -> None:
+    """Write each (path, suffix, write(tmp)) to a temporary file, then publish them all.
 
-
-def _atomic_write(path: Path, suffix: str, write) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{_stem(path)}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    Disk full, a signal or a crash while writing leaves the targets as they were and no
+    temporary file behind. Without `overwrite` a target is published with a hard link, which
+    fails if the file appeared meanwhile (another run): nothing is ever replaced silently.
+    """
+    temps: list[str] = []
+    published: list[Path] = []
+    current = files[0][0]
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for current, suffix, write in files:
+            temps.append(_temp_file(current, suffix))
+            write(temps[-1])
+            os.chmod(temps[-1], _new_file_mode(current))
+        for (current, _, _), tmp in zip(files, temps):
+            _publish(tmp, current, overwrite)
+            published.append(current)
+    except BaseException as error:
+        if not overwrite:  # files this call created: take them back, so it is both or neither
+            for target in published:
+                target.unlink(missing_ok=True)
+            published = []
+        if isinstance(error, OSError):
+            raise InputError(_write_error_text(current, error, published)) from None
         raise
+    finally:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _temp_file(target: Path, suffix: str) -> str:
+    handle, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=suffix, dir=target.parent)
+    os.close(handle)
+    return tmp
+
+
+def _publish(tmp: str, target: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)  # atomic and never replaces: fails if target exists
+    except FileExistsError:
+        raise InputError(f"{target} appeared while this run was writing (another run?); it was kept: "
+                         f"choose another path or pass --overwrite") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # No hard links on this file system (FAT, some network shares): check, then rename.
+        if target.exists():
+            raise InputError(f"{target} already exists; choose another path or pass --overwrite") from None
+        os.replace(tmp, target)
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode a plain open() would give (0666 minus the umask), or the replaced file's mode."""
+    try:
+        return target.stat().st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back)
+    os.umask(mask)
+    return mask
+
+
+def _write_error_text(target: Path, error: OSError, published: list[Path]) -> str:
+    kept = (f"{', '.join(p.name for p in published)} was written, the rest not" if published
+            else "nothing was written")
+    return _os_error_text(f"cannot write {target.name}", error, f"{kept}: free space or choose another --out")
