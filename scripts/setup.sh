@@ -33,7 +33,14 @@ fi
 if [ "$want_test" = 1 ]; then
   # torch first, pinned: an unpinned torch would pull gigabytes of CUDA packages.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[testing,export]"
+  extras="testing,export"
+  # Qualcomm's QNN runtime and its HTP emulator for the NPU tests: wheels for x86_64 Linux, glibc >= 2.35.
+  if [ "$(uname -sm)" = "Linux x86_64" ] && python3 -c 'import platform, sys
+v = platform.libc_ver()[1].split(".")
+sys.exit(not (v[0] and (int(v[0]), int(v[1])) >= (2, 35)))'; then
+    extras="$extras,qnn"
+  fi
+  .venv/bin/python -m pip install -q -e ".[$extras]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -246,7 +246,7 @@ def test_parity_with_an_nhwc_export(aidlite, real_batch, cpu_logits, tmp_path):
         "name": "probe_nhwc",
         "file": onnx_path.name,
         "input": {"shape": [1, SIZE, SIZE, 3], "layout": "nhwc", "name": "image"},
-        "output": {"shape": [1, SIZE, SIZE, 1]},
+        "output": {"shape": [1, 1, SIZE, SIZE]},  # always NCHW in a card (export.card_dict)
     }
     card = load_card(write_card(data, tmp_path / "probe_nhwc.yaml"))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -503,6 +503,6 @@ def test_card_npu_entries_and_soc_choice(tmp_path, probe_card, monkeypatch):
     assert binary.soc == "QCS6490" and "no binary for this SoC" in why
     monkeypatch.setenv("SAM2UNET_NPU_SOC", "QCS8550")
     assert select_binary(card)[0].soc == "QCS8550"
-    monkeypatch.setattr("napari_sam2unet.backends.aidlite.detect_soc", lambda: None)
+    monkeypatch.setattr("napari_sam2unet.backends.qnn_binary.detect_soc", lambda: None)
     binary, why = select_binary(card)
     assert binary.soc == "QCS6490" and "SoC not detected" in why

@@ -3,44 +3,25 @@
 `aidlite` exists only on the device (installed with AidLite, not on PyPI), so it is imported
 lazily and every call into it is checked: AidLite reports failures as non-zero return codes
 or None, never as exceptions, and a silent failure would return garbage masks.
-
-Quantised I/O follows QNN's convention, which the model card copies from the converter's
-output: real = (q + offset) * scale, so offset is usually negative (-128 for a symmetric
-uint8 tensor). The opposite "zero point" convention is real = (q - zero_point) * scale,
-i.e. offset = -zero_point.
+Choosing the binary, checking it and quantised I/O are shared with the QNN backend
+(qnn_binary.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, ModelError
-from ..models import ModelCard, NpuBinary, sha256_file
+from ..errors import BackendError
+from ..models import ModelCard, NpuBinary
 from .base import Backend
+from .qnn_binary import DOCS as _DOCS
+from .qnn_binary import DTYPES, check_binary, dequantise, detect_soc, quantise, select_binary
 
-# Overrides SoC detection, e.g. SAM2UNET_NPU_SOC=QCS6490 (also the way to pick a binary on a
-# board whose SoC name the kernel does not expose).
-SOC_ENV = "SAM2UNET_NPU_SOC"
-DTYPES: dict[str, type] = {
-    "float32": np.float32,
-    "uint8": np.uint8,
-    "int8": np.int8,
-    "uint16": np.uint16,
-    "int16": np.int16,
-}
-# Where Linux on Qualcomm boards names the SoC (first readable wins).
-_SOC_FILES = (
-    "/sys/devices/soc0/machine",
-    "/proc/device-tree/compatible",
-    "/proc/device-tree/model",
-)
-_DOCS = "see docs/npu.md"
+__all__ = ["AidliteBackend", "DTYPES", "detect_soc", "npu_unavailable_reason", "select_binary"]
 
 
 def _missing_aidlite(binary: NpuBinary | None) -> str:
@@ -62,51 +43,6 @@ def _qnn_package(binary: NpuBinary | None) -> str:
         match = re.fullmatch(r"TYPE_QNN(\d+)", binary.framework)
         digits = match.group(1) if match else binary.qnn_version.replace(".", "")[:3]
     return f"aidlite-qnn{digits or 'XYZ'}"
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def detect_soc() -> str | None:
-    """This device's Qualcomm SoC as the kernel names it (e.g. 'qcom,qcs8550'), or None."""
-    if os.environ.get(SOC_ENV):
-        return os.environ[SOC_ENV]
-    for path in _SOC_FILES:
-        try:
-            text = Path(path).read_bytes().replace(b"\0", b" ").decode(errors="ignore").strip()
-        except OSError:
-            continue
-        if text:
-            return text
-    return None
-
-
-def select_binary(card: ModelCard, soc: str | None = None) -> tuple[NpuBinary, str]:
-    """The card's .bin for this device's SoC, else the first; with a few words saying which."""
-    if not card.npu:
-        raise ModelError(f"model {card.name} has no QNN context binary (.bin) in its card ({_DOCS})")
-    soc = soc if soc is not None else detect_soc()
-    if soc:
-        found = _norm(soc)
-        for binary in card.npu:
-            if binary.soc and _norm(binary.soc) in found:
-                return binary, f"built for {binary.soc}, this device's SoC"
-        # QCS/QCM variants of one chip share the NPU: match the number alone.
-        for binary in card.npu:
-            number = re.sub(r"\D", "", binary.soc)
-            if number and number in re.sub(r"\D", " ", soc).split():
-                return binary, f"built for {binary.soc}, same chip family as this device"
-        return (
-            card.npu[0],
-            f"no binary for this SoC ({soc.strip()[:40]}); trying the first, built for "
-            f"{card.npu[0].soc or 'an unnamed SoC'}",
-        )
-    first = card.npu[0]
-    return (
-        first,
-        f"SoC not detected; using the first binary, built for {first.soc or 'an unnamed SoC'}",
-    )
 
 
 def npu_unavailable_reason(card: ModelCard) -> str | None:
@@ -144,7 +80,7 @@ class AidliteBackend(Backend):
         else:
             self.choice = "chosen by the caller"
         self.binary = binary
-        self._check_binary()
+        check_binary(card, binary)
         try:
             import aidlite
         except ImportError as error:
@@ -159,7 +95,6 @@ class AidliteBackend(Backend):
         self._lock = threading.Lock()
         height, width = card.input.size
         self._size = (height, width)
-        self._in_dtype = np.dtype(DTYPES[binary.input_dtype])
         self._out_dtype = np.dtype(DTYPES[binary.output_dtype])
         if binary.layout == "nhwc":
             self._in_shape, self._out_shape = [1, height, width, 3], [1, height, width, 1]
@@ -168,33 +103,6 @@ class AidliteBackend(Backend):
         self._open()
 
     # -- checks and set-up ------------------------------------------------------------------
-
-    def _check_binary(self) -> None:
-        binary, where = self.binary, f"model card of {self.card.name}"
-        if binary.layout not in ("nchw", "nhwc"):
-            raise ModelError(f"{where}: npu layout is {binary.layout!r}; use nhwc (AIMO's usual) or nchw")
-        for what in ("input", "output"):
-            dtype, scale = getattr(binary, f"{what}_dtype"), getattr(binary, f"{what}_scale")
-            if dtype not in DTYPES:
-                raise ModelError(f"{where}: npu {what}_dtype is {dtype!r}; use one of {', '.join(DTYPES)}")
-            if dtype != "float32" and not float(scale) > 0:
-                raise ModelError(
-                    f"{where}: npu {what}_scale must be > 0 for {dtype} I/O (copy it from the converter's output)"
-                )
-        if not binary.file.is_file():
-            raise ModelError(
-                f"QNN context binary {binary.file} is missing; convert the model for the NPU "
-                f"({_DOCS}) "
-                f"or remove its npu entry from the card"
-            )
-        if binary.sha256:
-            actual = sha256_file(binary.file)
-            if actual != binary.sha256:
-                raise ModelError(
-                    f"QNN context binary {binary.file.name} is corrupt or was replaced: sha256 "
-                    f"{actual[:12]}... "
-                    f"but the card says {binary.sha256[:12]}...; copy it again or update the card"
-                )
 
     def _enum(self, kind: str, name: str, hint: str) -> Any:
         members = getattr(self._aidlite, kind)
@@ -310,7 +218,7 @@ class AidliteBackend(Backend):
             raise BackendError("the NPU backend was closed; open it again")
         if self.binary.layout == "nhwc":
             image = image.transpose(1, 2, 0)
-        tensor = np.ascontiguousarray(self._quantise(image[None]))
+        tensor = np.ascontiguousarray(quantise(image[None], self.binary))
         code = self._interpreter.set_input_tensor(0, tensor)
         if code not in (0, None):
             raise BackendError(
@@ -326,14 +234,6 @@ class AidliteBackend(Backend):
                 "--backend cpu"
             )
         return self._read_output()
-
-    def _quantise(self, values: np.ndarray) -> np.ndarray:
-        if self._in_dtype == np.float32:
-            return values.astype(np.float32, copy=False)
-        info = np.iinfo(self._in_dtype)
-        # QNN: real = (q + offset) * scale  =>  q = round(real / scale - offset), saturated.
-        codes = np.rint(values / np.float32(self.binary.input_scale) - np.float32(self.binary.input_offset))
-        return np.clip(codes, info.min, info.max).astype(self._in_dtype)
 
     def _read_output(self) -> np.ndarray:
         raw = self._interpreter.get_output_tensor(0)
@@ -352,10 +252,8 @@ class AidliteBackend(Backend):
                 f"({'x'.join(map(str, self._out_shape))}); the binary's output does not match the "
                 "card"
             )
-        if dtype == np.float32 or raw.dtype.kind == "f":
-            # Float values are logits already (AidLite may dequantise itself).
-            return raw.astype(np.float32, copy=False)
-        return (raw.astype(np.float32) + np.float32(self.binary.output_offset)) * np.float32(self.binary.output_scale)
+        # Float values are logits already (AidLite may dequantise itself).
+        return dequantise(raw, self.binary)
 
     def close(self) -> None:
         lock = getattr(self, "_lock", None)

@@ -1,0 +1,95 @@
+"""Real slices prepared exactly as the engine prepares them, for calibration and parity.
+
+Quantisation ranges come from what the model will see: the engine's window, its box crops
+(brighter and more contrasted than a whole slice) and its resize. A scan with a label map gives
+a box crop around each labelled structure; a scan without one gives whole slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..engine import Engine
+from ..errors import InputError
+from ..io import read_volume
+from ..preprocess import sample_crop, to_model_input
+from ..prompts import Box
+
+MIN_VOXELS = 20  # smaller structures are label noise, not what users box
+
+
+@dataclass(frozen=True)
+class Scan:
+    image: Path
+    labels: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Scan:
+        """IMAGE or IMAGE:LABELS (paths to .nii/.nii.gz)."""
+        image, _, labels = str(text).rpartition(":")
+        if image.endswith((".nii", ".nii.gz")) and labels.endswith((".nii", ".nii.gz")):
+            return cls(Path(image), Path(labels))
+        return cls(Path(text))
+
+    def describe(self) -> str:
+        return self.image.name + (f" + {self.labels.name}" if self.labels else "")
+
+
+def sample_scan() -> Scan:
+    """The MRI and label map that ship with the package (its held-out test scan)."""
+    folder = Path(__file__).resolve().parents[1] / "sample_data"
+    return Scan(folder / "example_mr_sm.nii.gz", folder / "example_seg_mr.nii.gz")
+
+
+def engine_inputs(backend: Backend, scans: list[Scan], count: int, axis: int = 2) -> np.ndarray:
+    """`count` model inputs (N x 3 x H x W) spread evenly over the scans' box crops or slices."""
+    per_scan = [count // len(scans) + (i < count % len(scans)) for i in range(len(scans))]
+    inputs = []
+    for scan, wanted in zip(scans, per_scan):
+        if wanted:
+            inputs += _scan_inputs(backend, scan, wanted, axis)
+    return np.stack(inputs).astype(np.float32)
+
+
+def _scan_inputs(backend: Backend, scan: Scan, wanted: int, axis: int) -> list[np.ndarray]:
+    volume = read_volume(scan.image)
+    engine = Engine(backend)
+    engine.set_volume(volume.data, volume.spacing, axis=axis, window="auto")
+    if scan.labels is None:
+        tasks = [engine.whole_slice_task(k) for k in range(engine.shape[axis])]
+    else:
+        labels = read_volume(scan.labels).data
+        if labels.shape != volume.data.shape:
+            raise InputError(f"label map {scan.labels.name} is {labels.shape}, its image {volume.data.shape}")
+        tasks = [engine.box_task(box) for box in _label_boxes(np.rint(labels).astype(np.int64), axis)]
+        if not tasks:
+            raise InputError(f"label map {scan.labels.name} has no structure of {MIN_VOXELS}+ voxels on a slice")
+    picks = np.linspace(0, len(tasks) - 1, min(wanted, len(tasks))).round().astype(int)
+    card = backend.card
+    return [
+        to_model_input(sample_crop(engine.slice_image(tasks[p].slice), tasks[p].crop, engine.size), engine.views,
+                       card.input)
+        for p in picks
+    ]
+
+
+def _label_boxes(labels: np.ndarray, axis: int) -> list[Box]:
+    """A tight box around each label on each slice, as a user would draw it."""
+    boxes = []
+    moved = np.moveaxis(labels, axis, 0)
+    for k, plane in enumerate(moved):
+        for value in np.unique(plane[plane > 0]):
+            rows, cols = np.nonzero(plane == value)
+            if rows.size >= MIN_VOXELS:
+                boxes.append(Box(k, float(rows.min()), float(cols.min()), float(rows.max() + 1), float(cols.max() + 1)))
+    return boxes
+
+
+def set_hash(inputs: np.ndarray) -> str:
+    """sha256 of a set of inputs (float32, C order): names the exact calibration set in the card."""
+    return hashlib.sha256(np.ascontiguousarray(inputs, dtype=np.float32).tobytes()).hexdigest()
