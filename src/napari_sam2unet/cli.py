@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which slices: auto = all slices without prompts, between boxes on 2+ slices, "
                           "else the prompted slices")
     seg.add_argument("--model", default=None, help="model name or path to .onnx/.yaml (default: bundled)")
-    seg.add_argument("--backend", default="auto", choices=("auto", "cpu", "npu"))
+    seg.add_argument("--backend", default="auto", choices=("auto", "cpu", "npu", "qnn"))
     seg.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     seg.add_argument("--window", default="auto", help=f"intensity window: {', '.join(WINDOW_CHOICES)} or LOW:HIGH")
     seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model card's)")
@@ -199,9 +199,10 @@ def run_info(args: argparse.Namespace) -> int:
     import numpy
     import onnxruntime
 
-    from .backends.aidlite import npu_unavailable_reason
+    from .backends import explain_auto
     from .errors import ModelError
     from .models import find_model
+    from .qnn import runtime as qnn
 
     print(f"napari-sam2unet {__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -210,14 +211,14 @@ def run_info(args: argparse.Namespace) -> int:
     for name in ("torch", "napari", "aidlite"):
         found = importlib.util.find_spec(name) is not None
         print(f"{name}: {'installed' if found else 'not installed'}")
+    print(f"qnn: {qnn.describe()}" if qnn.installed() else f"qnn: not installed ({qnn.INSTALL_HINT})")
     try:
         card = find_model(args.model)
     except ModelError as error:
         print(f"model: {error}")
         return 1
-    reason = npu_unavailable_reason(card)
     print(f"model: {card.name} ({card.file})")
-    print("backend auto ->", "NPU (AidLite)" if reason is None else f"CPU; NPU not used: {reason}")
+    print("backend auto ->", explain_auto(card))
     return 0
 
 
