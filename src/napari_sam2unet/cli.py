@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
 import importlib.util
 import math
@@ -25,6 +24,7 @@ _EXTRA_COMMANDS = [
     ("napari_sam2unet.export", "add_export_parser"),
     ("napari_sam2unet.training.train", "add_train_parser"),
     ("napari_sam2unet.training.evaluate", "add_eval_parser"),
+    ("napari_sam2unet.batch", "add_batch_parser"),
 ]
 
 
@@ -157,25 +157,10 @@ def _progress_bar(quiet: bool):
 
 
 def _provenance(args, card, backend, why, engine, result, prompts) -> dict:
-    return {
-        "generator": f"napari-sam2unet {__version__}",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "source_image": str(Path(args.image).resolve()),
-        "label": args.label,
-        "model": {"name": card.name, "file": str(card.file), "sha256": card.sha256},
-        "backend": {"name": backend.name, "device": backend.device, "why": why},
-        "axis": args.axis,
-        "scope": engine.resolve_scope(prompts, args.scope),
-        "threshold": result.threshold,
-        "window": args.window,
-        "views": [view.label for view in engine.views],
-        "prompts": {
-            "boxes": [vars(b) for b in prompts.boxes],
-            "points": [vars(p) for p in prompts.points],
-        },
-        "slices": sorted(result.slices),
-        "seconds": round(result.total_seconds, 3),
-    }
+    from .provenance import run_record
+
+    return run_record(args.image, label=args.label, axis=args.axis, scope=args.scope, window=args.window,
+                      card=card, backend=backend, why=why, engine=engine, result=result, prompts=prompts)
 
 
 def run_models(args: argparse.Namespace) -> int:

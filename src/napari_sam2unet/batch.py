@@ -1,0 +1,466 @@
+"""Segment a cohort on a Dask cluster: `sam2unet batch MANIFEST --out-dir DIR` and `run_batch`.
+
+The driver reads the manifest and gives Dask one task per case. Each worker process opens the
+model once and runs its cases one at a time through the same engine calls as `sam2unet segment`,
+writing `DIR/<case>.nii.gz` and its sidecar atomically. The sidecar records a key (input, model,
+prompts and settings): a rerun skips every case whose key still matches. A failing case is
+recorded with its reason and the rest go on; `DIR/report.csv` lists every case.
+
+Dask (`pip install "napari-sam2unet[cohort]"`) is imported only when a batch runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import io as _stringio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import Cancelled, InputError, ModelError, Sam2UnetError
+from .manifest import CaseSpec, ResolvedCase, read_manifest, resolve_case
+
+INSTALL_HINT = 'sam2unet batch needs Dask (dask.distributed): pip install "napari-sam2unet[cohort]"'
+REPORT_NAME = "report.csv"
+REPORT_COLUMNS = ("case", "status", "reason", "voxels", "seconds", "backend", "dice", "output")
+SKIPPED_REASON = "already segmented with the same input, model and prompts"
+NOT_RUN_REASON = "the batch was interrupted; run it again to resume"
+# How long a batch waits for a remote cluster's first worker.
+WORKER_WAIT_S = 60
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every case of a batch shares; sent to the workers with each case."""
+
+    out_dir: str
+    model_card: str
+    model_sha256: str
+    backend: str = "auto"
+    threads: int = 1
+
+
+@dataclass
+class CaseResult:
+    """One row of report.csv. status: segmented, skipped, failed or not run."""
+
+    case: str
+    status: str
+    reason: str = ""
+    voxels: int | None = None
+    seconds: float = 0.0
+    backend: str = ""
+    dice: float | None = None
+    output: str = ""
+
+
+@dataclass
+class BatchReport:
+    rows: list[CaseResult]
+    seconds: float
+    path: Path
+    workers: int = 0
+    threads: int = 0
+    counts: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = {s: sum(r.status == s for r in self.rows) for s in ("segmented", "skipped", "failed", "not run")}
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [r for r in self.rows if r.status == "failed"]
+
+    def summary(self) -> str:
+        rate = 60 * self.counts["segmented"] / max(self.seconds, 1e-9)
+        parts = [f"{n} {status}" for status, n in self.counts.items() if n]
+        return (f"{len(self.rows)} cases in {self.seconds:.1f} s: {', '.join(parts)} "
+                f"({rate:.1f} cases/min); report: {self.path}")
+
+
+# progress(done, total, the case that just finished)
+Progress = Callable[[int, int, CaseResult], None]
+
+
+# --- on a worker ---------------------------------------------------------------------------
+
+# One backend (model session) per worker process and model, opened by the first case it runs.
+_BACKENDS: dict[tuple, tuple] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def _worker_backend(job: Job) -> tuple:
+    """(card, backend, why) for this process, opened once; later cases reuse the session."""
+    from .backends import open_backend
+    from .models import find_model
+
+    key = (job.model_card, job.model_sha256, job.backend, job.threads)
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            card = find_model(job.model_card)  # verifies the file against its card's sha256
+            if model_sha256(card) != job.model_sha256:
+                raise ModelError(f"model {card.file.name} changed since the batch started; run the batch again")
+            backend, why = open_backend(card, job.backend, threads=job.threads)
+            _BACKENDS[key] = (card, backend, why)
+        return _BACKENDS[key]
+
+
+def run_case(spec: CaseSpec, job: Job) -> CaseResult:
+    """Segment one case (or skip it when done); never raises for a bad case, it reports it."""
+    began = time.perf_counter()
+    try:
+        result = _segment_case(spec, job)
+    except Sam2UnetError as error:
+        result = CaseResult(spec.case, "failed", _one_line(str(error)))
+    except Exception as error:  # an input broken in a way no check foresaw: the cohort goes on
+        result = CaseResult(spec.case, "failed", f"unexpected {type(error).__name__}: {_one_line(str(error))}")
+    result.seconds = round(time.perf_counter() - began, 3)
+    return result
+
+
+def _segment_case(spec: CaseSpec, job: Job) -> CaseResult:
+    from .engine import Engine
+    from .io import read_volume, write_labels
+    from .provenance import run_record
+
+    out = Path(job.out_dir) / f"{spec.case}.nii.gz"
+    case = resolve_case(spec)
+    input_sha256 = _file_sha256(spec.image)
+    key = case_key(input_sha256, job.model_sha256, case)
+    done = finished_record(out, key)
+    if done is not None:
+        return CaseResult(spec.case, "skipped", SKIPPED_REASON, done["batch"]["voxels"],
+                          backend=done["backend"]["name"], dice=_dice_of_file(out, case), output=str(out))
+    settings = case.settings
+    volume = read_volume(spec.image, settings.volume_index)
+    _check_grid(case, volume.data.shape)
+    card, backend, why = _worker_backend(job)
+    engine = Engine(backend)  # per case: the cache (and its memory) goes with it
+    engine.set_volume(volume.data, volume.spacing, settings.axis, settings.window, settings.replace_nonfinite)
+    result = engine.segment(case.prompts, settings.scope, settings.threshold)
+    labels = result.labels(settings.label)
+    dice = _dice(labels > 0, case)
+    record = run_record(spec.image, label=settings.label, axis=settings.axis, scope=settings.scope,
+                        window=settings.window, card=card, backend=backend, why=why, engine=engine,
+                        result=result, prompts=case.prompts)
+    voxels = int(result.mask.sum())
+    record["batch"] = {"case": spec.case, "key": key, "input_sha256": input_sha256, "name": settings.name,
+                       "voxels": voxels, "reference": spec.values.get("reference"), "dice": dice}
+    write_labels(out, labels, volume, record, overwrite=True)
+    return CaseResult(spec.case, "segmented", "", voxels, backend=backend.name, dice=dice, output=str(out))
+
+
+def case_key(input_sha256: str, model_sha256: str, case: ResolvedCase) -> str:
+    """What decides a case's output, hashed: the input, the model, the prompts and settings."""
+    identity = {"input": input_sha256, "model": model_sha256, **case.identity()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_record(out: Path, key: str) -> dict | None:
+    """The sidecar of a finished case whose key matches, else None (the case runs again)."""
+    from .io import sidecar_path_for
+
+    sidecar = sidecar_path_for(out)
+    if not (out.is_file() and sidecar.is_file()):
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    batch = record.get("batch") if isinstance(record, dict) else None
+    return record if isinstance(batch, dict) and batch.get("key") == key else None
+
+
+def _file_sha256(path: Path) -> str:
+    from .models import sha256_file
+
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; check the manifest's image column")
+    return sha256_file(path)
+
+
+def _check_grid(case: ResolvedCase, shape: tuple[int, ...]) -> None:
+    import nibabel as nib
+
+    for column in ("boxes_from", "reference"):
+        path = case.spec.path(column)
+        if path is None:
+            continue
+        try:
+            other = tuple(int(n) for n in nib.load(str(path)).shape[:3])
+        except Exception as error:  # nibabel raises many types for broken files
+            raise InputError(f"cannot read {column} {path.name} ({_one_line(str(error))})") from None
+        if other != tuple(shape):
+            raise InputError(f"{column} {path.name} has shape {other} but the image {shape}; "
+                             f"use a label map on the image's grid")
+
+
+def _dice(mask: np.ndarray, case: ResolvedCase) -> float | None:
+    from .io import read_volume
+    from .training.evaluate import dice
+
+    path = case.spec.path("reference")
+    if path is None:
+        return None
+    reference = np.rint(read_volume(path).data) == case.settings.label
+    return round(dice(mask, reference), 4)
+
+
+def _dice_of_file(out: Path, case: ResolvedCase) -> float | None:
+    if case.spec.path("reference") is None:
+        return None
+    from .io import read_volume
+
+    return _dice(read_volume(out).data > 0, case)
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else "no message"
+
+
+def model_sha256(card) -> str:
+    from .models import sha256_file
+
+    return card.sha256 or sha256_file(card.file)
+
+
+# --- on the driver -------------------------------------------------------------------------
+
+
+def plan_workers(workers: int | None, threads: int | None, cores: int, cases: int) -> tuple[int, int]:
+    """Worker processes and model threads each, so that workers x threads never exceed the cores."""
+    for value, flag in ((workers, "--workers"), (threads, "--threads-per-worker")):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value} must be 1 or more")
+    if workers is None:
+        workers = max(1, min(cores // (threads or 1), cases))
+    if threads is None:
+        threads = max(1, cores // workers)
+    if workers * threads > cores:
+        raise InputError(f"--workers {workers} x --threads-per-worker {threads} = {workers * threads} threads, "
+                         f"but this machine has {cores} cores; lower one of them")
+    return workers, threads
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise Sam2UnetError(INSTALL_HINT) from None
+    return distributed
+
+
+@contextlib.contextmanager
+def _local_client(workers: int) -> Iterator[Any]:
+    """A LocalCluster of worker processes, one case at a time each (memory: one volume per worker)."""
+    distributed = _distributed()
+    with _workers_ignore_ctrl_c():
+        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR)
+    with cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started in here inherit an ignored SIGINT: Ctrl-C reaches the driver only,
+    which stops the cluster in order (otherwise each worker dies printing its own traceback)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (e.g. a GUI's worker thread): nothing to hand down
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _remote_client(address: str) -> Iterator[Any]:
+    distributed = _distributed()
+    try:
+        client = distributed.Client(address, timeout=30)
+    except (OSError, TimeoutError) as error:
+        raise InputError(f"cannot reach the Dask scheduler at {address} ({_one_line(str(error))}); "
+                         f"start one with `dask scheduler` or check the address") from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise InputError(f"no worker joined the scheduler at {address} within {WORKER_WAIT_S} s; "
+                             f"start one with `dask worker {address} --nthreads 1`") from None
+        yield client
+
+
+def _collect(client, cases: list[CaseSpec], job: Job, results: dict[str, CaseResult],
+             progress: Progress | None) -> None:
+    """Run the cases; fill `results` as they finish (on Ctrl-C it holds those that did)."""
+    distributed = _distributed()
+    futures = client.map(run_case, cases, job=job, pure=False)
+    by_future = dict(zip(futures, cases))
+    try:
+        for future in distributed.as_completed(futures):
+            spec = by_future[future]
+            if future.status == "error":  # the worker died or could not run the task at all
+                error = future.exception()
+                result = CaseResult(spec.case, "failed", f"its worker failed ({type(error).__name__}: "
+                                                         f"{_one_line(str(error))}); out of memory?")
+            else:
+                result = future.result()
+            results[spec.case] = result
+            if progress:
+                progress(len(results), len(cases), result)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
+def run_batch(
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model: str | None = None,
+    backend: str = "auto",
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    scheduler: str | None = None,
+    client=None,
+    progress: Progress | None = None,
+) -> BatchReport:
+    """Segment every case of a manifest; write DIR/report.csv; return the report.
+
+    Runs on `client` when given, else on the scheduler at `scheduler`, else on a LocalCluster
+    sized to this machine. Raises Cancelled on Ctrl-C after writing the report of what finished.
+    """
+    from .models import find_model
+
+    began = time.perf_counter()
+    cases = read_manifest(manifest)
+    out = _out_dir(out_dir)
+    card = find_model(model)
+    remote = client is not None or scheduler is not None
+    workers, threads = (0, threads_per_worker or 1) if remote else plan_workers(
+        workers, threads_per_worker, os.cpu_count() or 1, len(cases))
+    job = Job(str(out), str(card.card_path or card.file), model_sha256(card), backend, threads)
+    _distributed()  # say what to install before anything starts
+    results: dict[str, CaseResult] = {}
+    try:
+        if client is not None:
+            _collect(client, cases, job, results, progress)
+        else:
+            with _remote_client(scheduler) if scheduler else _local_client(workers) as own:
+                _collect(own, cases, job, results, progress)
+    except KeyboardInterrupt:
+        report = _finish(cases, results, out, began, workers, threads)
+        raise Cancelled(f"interrupted after {len(results)} of {len(cases)} cases; finished cases are kept "
+                        f"(report: {report.path}); run the same command again to resume") from None
+    return _finish(cases, results, out, began, workers, threads)
+
+
+def _out_dir(path: str | os.PathLike) -> Path:
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out} is a file; choose a folder")
+    if not out.parent.is_dir():
+        raise InputError(f"the folder {out.parent} does not exist; create it first")
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def _finish(cases, results, out: Path, began: float, workers: int, threads: int) -> BatchReport:
+    rows = [results.get(c.case) or CaseResult(c.case, "not run", NOT_RUN_REASON) for c in cases]
+    report = BatchReport(rows, time.perf_counter() - began, out / REPORT_NAME, workers, threads)
+    write_report(report.path, rows)
+    return report
+
+
+def write_report(path: Path, rows: list[CaseResult]) -> Path:
+    """report.csv, atomically: one row per case in manifest order."""
+    buffer = _stringio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        values = vars(row).copy()
+        values["dice"] = "" if row.dice is None else f"{row.dice:.4f}"
+        values["voxels"] = "" if row.voxels is None else row.voxels
+        writer.writerow(values)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(buffer.getvalue())
+        os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary new file, not mkstemp's 0600
+        os.replace(tmp, path)  # readers see the old report or the new one, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def add_batch_parser(commands) -> None:
+    batch = commands.add_parser("batch", help="segment every case of a manifest on a Dask cluster, resumable")
+    batch.add_argument("manifest", type=Path, help="a .csv or .json manifest: one row per case (docs/cohorts.md)")
+    batch.add_argument("--out-dir", "-o", type=Path, required=True,
+                       help="folder for <case>.nii.gz, their sidecars and report.csv")
+    batch.add_argument("--model", default=None, help="model name or path to .onnx/.yaml (default: bundled)")
+    batch.add_argument("--backend", default="auto", choices=("auto", "cpu", "npu"))
+    batch.add_argument("--workers", type=int, default=None,
+                       help="worker processes of a local Dask cluster (default: sized to the cores)")
+    batch.add_argument("--threads-per-worker", type=int, default=None,
+                       help="CPU threads each worker's model uses (default: cores / workers; 1 on a --scheduler)")
+    batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, instead of a local cluster")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    batch.set_defaults(func=run_batch_command)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """0: every case segmented or skipped; 1: some failed (see report.csv); 2: nothing could start."""
+    if args.scheduler and args.workers:
+        raise InputError("--workers sizes a local cluster; with --scheduler start the workers with `dask worker`")
+    with _progress_bar(args.quiet) as progress:
+        report = run_batch(args.manifest, args.out_dir, model=args.model, backend=args.backend,
+                           workers=args.workers, threads_per_worker=args.threads_per_worker,
+                           scheduler=args.scheduler, progress=progress)
+    if not args.quiet:
+        for row in report.failed:
+            print(f"failed: {row.case}: {row.reason}", file=sys.stderr)
+        print(f"sam2unet batch: {report.summary()}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool) -> Iterator[Progress | None]:
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit="case", file=sys.stderr, leave=False) as bar:
+        def update(done: int, total: int, result: CaseResult) -> None:
+            bar.total, bar.n = total, done
+            bar.set_postfix_str(f"{result.case}: {result.status}")
+
+        yield update

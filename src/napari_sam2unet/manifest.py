@@ -1,0 +1,294 @@
+"""Cohort manifests: one row a case (an image and its prompts), from CSV or JSON.
+
+Reading checks only the manifest's shape (columns, paths, unique case names), so a typo stops a
+run before it starts. A row's values are resolved where the case runs (`resolve_case`): one bad
+row fails its own case, and the rest of the cohort goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, PromptError
+from .prompts import Box, Point, Prompts, parse_box, parse_point
+
+COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "name", "scope", "axis",
+           "window", "threshold", "reference", "volume_index", "replace_nonfinite")
+_PATH_COLUMNS = ("image", "prompts", "boxes_from", "reference")
+# Case names become file names in the output folder.
+_CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Boxes taken from a label map: the structure's box on each slice grown by 10%, the "tight"
+# protocol that `sam2unet eval` (and the model card's Dice) uses.
+BOX_GROWTH = 0.10
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One manifest row as written (values are strings until resolve_case), paths made absolute."""
+
+    case: str
+    image: Path
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, column: str) -> Path | None:
+        value = self.values.get(column)
+        return Path(value) if value else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a case is segmented: the options `sam2unet segment` takes, with its defaults."""
+
+    axis: int = 2
+    scope: str = "auto"
+    window: str = "auto"
+    threshold: float | None = None
+    label: int = 1
+    name: str = ""
+    volume_index: int | None = None
+    replace_nonfinite: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedCase:
+    spec: CaseSpec
+    prompts: Prompts
+    settings: Settings
+
+    def identity(self) -> dict[str, Any]:
+        """Everything besides the image and model that decides the output: what a resume compares."""
+        settings = {k: v for k, v in vars(self.settings).items() if k != "name"}
+        return {
+            "boxes": [vars(b) for b in self.prompts.boxes],
+            "points": [vars(p) for p in self.prompts.points],
+            "settings": settings,
+        }
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> list[CaseSpec]:
+    """The cases of a .csv or .json manifest; paths in it are relative to the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest {path} does not exist; check the path")
+    rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
+    if not rows:
+        raise InputError(f"manifest {path.name} lists no cases; add a row per image")
+    cases = [_case(row, number, path.parent) for number, row in enumerate(rows, start=1)]
+    _check_unique(cases, path)
+    return cases
+
+
+def _csv_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() != ".csv":
+        raise InputError(f"manifest {path.name} must be a .csv or .json file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"cannot read manifest {path.name} ({error}); save it as UTF-8 CSV") from None
+    _check_columns(reader.fieldnames or [], path)
+    for number, row in enumerate(rows, start=1):
+        if None in row:  # DictReader's key for cells beyond the header
+            raise InputError(f"manifest {path.name} row {number} has more cells than columns; quote cells that "
+                             f"hold commas, e.g. \"10:40,52,80,96\"")
+    # Several boxes or points share one cell, separated by ';' or spaces.
+    for row in rows:
+        for column in ("box", "point"):
+            row[column] = [p for p in re.split(r"[;\s]+", row.get(column) or "") if p]
+    return rows
+
+
+def _json_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"cannot read manifest {path.name} as JSON ({error}); check its syntax") from None
+    rows = data.get("cases") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise InputError(f"manifest {path.name} must hold a list of cases (objects), or {{\"cases\": [...]}}")
+    _check_columns(sorted({key for row in rows for key in row}), path)
+    for row in rows:
+        for column in ("box", "point"):
+            value = row.get(column) or []
+            row[column] = [value] if isinstance(value, str) else [str(v) for v in value]
+    return rows
+
+
+def _check_columns(columns: list[str], path: Path) -> None:
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise InputError(f"manifest {path.name} has unknown column(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(COLUMNS)}")
+    if "image" not in columns:
+        raise InputError(f"manifest {path.name} has no 'image' column; add one with each case's NIfTI file")
+
+
+def _case(row: dict[str, Any], number: int, base: Path) -> CaseSpec:
+    values = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if v not in (None, "", [])}
+    if "image" not in values:
+        raise InputError(f"manifest row {number} has no image; fill in its image column")
+    for column in _PATH_COLUMNS:
+        if column in values:
+            values[column] = str((base / str(values[column])).expanduser().resolve())
+    image = Path(values.pop("image"))
+    name = str(values.pop("case", "") or _stem(image))
+    if not _CASE_NAME.match(name):
+        raise InputError(f"manifest row {number}: case name {name!r} cannot be a file name; "
+                         f"use letters, digits, '.', '_' and '-'")
+    return CaseSpec(name, image, values)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _check_unique(cases: list[CaseSpec], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for number, case in enumerate(cases, start=1):
+        if case.case in seen:
+            raise InputError(f"manifest {path.name}: rows {seen[case.case]} and {number} are both case "
+                             f"{case.case!r}; add a 'case' column with a unique name per row")
+        seen[case.case] = number
+
+
+# --- resolving one row (where the case runs) -----------------------------------------------
+
+
+def resolve_case(spec: CaseSpec) -> ResolvedCase:
+    """A row's prompts and settings: defaults, then a prompts file's, then the row's own columns."""
+    values = spec.values
+    settings, prompts = Settings(), Prompts()
+    if spec.path("prompts"):
+        settings, prompts = _from_prompts_file(spec.path("prompts"), values.get("label"))
+    settings = replace(settings, **_row_settings(values))
+    prompts = Prompts(prompts.boxes + [parse_box(b) for b in values.get("box", [])],
+                      prompts.points + [parse_point(p) for p in values.get("point", [])])
+    if spec.path("boxes_from"):
+        prompts.boxes.extend(boxes_from_labels(spec.path("boxes_from"), settings.label, settings.axis))
+    return ResolvedCase(spec, prompts, settings)
+
+
+def _row_settings(values: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    if "label" in values:
+        found["label"] = _int(values["label"], "label", 1, 65535)
+    if "axis" in values:
+        found["axis"] = _int(values["axis"], "axis", 0, 2)
+    if "volume_index" in values:
+        found["volume_index"] = _int(values["volume_index"], "volume_index", 0, None)
+    if "threshold" in values:
+        found["threshold"] = _threshold(values["threshold"])
+    if "replace_nonfinite" in values:
+        found["replace_nonfinite"] = _bool(values["replace_nonfinite"], "replace_nonfinite")
+    for column in ("scope", "window", "name"):
+        if column in values:
+            found[column] = str(values[column])
+    return found
+
+
+def _int(value: Any, column: str, low: int, high: int | None) -> int:
+    text = str(value).strip()
+    if not re.fullmatch(r"[+-]?\d+", text) or int(text) < low or (high is not None and int(text) > high):
+        span = f"{low} to {high}" if high is not None else f"{low} or more"
+        raise InputError(f"{column} {value!r} must be a whole number from {span}")
+    return int(text)
+
+
+def _threshold(value: Any) -> float:
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = float("nan")
+    if not 0 < threshold < 1:
+        raise InputError(f"threshold {value!r} must be a number between 0 and 1")
+    return threshold
+
+
+def _bool(value: Any, column: str) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise InputError(f"{column} {value!r} must be true or false")
+    return text in ("true", "1", "yes")
+
+
+def _from_prompts_file(path: Path, label: Any) -> tuple[Settings, Prompts]:
+    """Prompts and options of an earlier run: a `sam2unet segment` sidecar or a napari writer's.
+
+    The threshold is not taken over: a replay with another model uses that model's own.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"cannot read prompts file {path.name} ({error}); point to a sidecar .json") from None
+    if isinstance(record, dict) and isinstance(record.get("prompts"), dict):
+        return _from_cli_record(record), _cli_prompts(record["prompts"], path)
+    if isinstance(record, dict) and isinstance(record.get("runs"), list):
+        return _from_napari_runs(record["runs"], path, label)
+    raise InputError(f"{path.name} is not a sidecar of a sam2unet or napari run (no 'prompts' or 'runs')")
+
+
+def _from_cli_record(record: dict) -> Settings:
+    return Settings(axis=int(record.get("axis", 2)), scope=str(record.get("scope", "auto")),
+                    window=str(record.get("window", "auto")), label=int(record.get("label", 1)))
+
+
+def _cli_prompts(prompts: dict, path: Path) -> Prompts:
+    try:
+        boxes = [Box(int(b["slice"]), b["i0"], b["j0"], b["i1"], b["j1"]) for b in prompts.get("boxes", [])]
+        points = [Point(int(p["slice"]), p["i"], p["j"], bool(p.get("positive", True)))
+                  for p in prompts.get("points", [])]
+    except (KeyError, TypeError, ValueError):
+        raise PromptError(f"the prompts in {path.name} are malformed; write the file again from a run") from None
+    return Prompts(boxes, points)
+
+
+def _from_napari_runs(runs: list, path: Path, label: Any) -> tuple[Settings, Prompts]:
+    """The run to replay: the only one, or the only one with the row's label."""
+    chosen = [r for r in runs if label is None or str(r.get("label")) == str(label).strip()]
+    if len(chosen) != 1:
+        labels = ", ".join(str(r.get("label")) for r in runs) or "none"
+        raise PromptError(f"{path.name} holds {len(chosen)} matching runs (labels {labels}); "
+                          f"set the label column to choose one run")
+    run = chosen[0]
+    try:
+        boxes = [Box(int(b[4]), b[0], b[1], b[2], b[3]) for b in run["prompts"].get("boxes", [])]
+        points = [Point(int(p[0]), p[1], p[2], bool(p[3])) for p in run["prompts"].get("points", [])]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise PromptError(f"the prompts in {path.name} are malformed; save the labels again from napari") from None
+    settings = Settings(axis=int(run.get("slice_axis", 2)), scope=str(run.get("scope", "auto")),
+                        window=str(run.get("window", "auto")), label=int(run.get("label", 1)),
+                        name=str(run.get("label_name") or ""))
+    return settings, Prompts(boxes, points)
+
+
+def boxes_from_labels(path: Path, label: int, axis: int) -> list[Box]:
+    """A box on every slice where `label` occurs in a label map, grown as `sam2unet eval` grows them."""
+    from .io import read_volume
+    from .training.evaluate import enlarged_box
+
+    mask = np.rint(read_volume(path).data) == label
+    boxes = []
+    for k in range(mask.shape[axis]):
+        plane = np.take(mask, k, axis=axis)
+        if plane.any():
+            rows, cols = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
+            extent = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+            boxes.append(Box(k, *enlarged_box(*extent, plane.shape, BOX_GROWTH)))
+    if not boxes:
+        raise PromptError(f"label {label} does not occur in {path.name}; check the label column")
+    return boxes
