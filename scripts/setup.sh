@@ -33,7 +33,7 @@ fi
 if [ "$want_test" = 1 ]; then
   # torch first, pinned: an unpinned torch would pull gigabytes of CUDA packages.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  extras="testing,export"
+  extras="testing,export,cohort"
   # Qualcomm's QNN runtime and its HTP emulator for the NPU tests: wheels for x86_64 Linux, glibc >= 2.35.
   if [ "$(uname -sm)" = "Linux x86_64" ] && python3 -c 'import platform, sys
 v = platform.libc_ver()[1].split(".")
