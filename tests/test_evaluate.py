@@ -40,6 +40,8 @@ def test_cases_get_one_box_per_touched_slice_enlarged_by_ten_percent():
     box = case.boxes["tight"][0]
     assert box.rect == pytest.approx((9.5, 4.0, 20.5, 26.0))
     assert case.boxes["propagated"] == [box]  # one box, on the largest slice (the first of equals)
+    # first, middle and last slice, for the engine to interpolate between
+    assert case.boxes["interpolated"] == [case.boxes["tight"][i] for i in (0, 1, 2)]
     jittered = case.boxes["jittered"][0]
     assert jittered.rect != box.rect and jittered.i0 <= 10.5 and jittered.i1 >= 19.5
 

@@ -114,3 +114,28 @@ def test_model_input_uses_the_cards_normalisation():
     tensor = to_model_input(raw, (view, view, view), spec)
     assert tensor.shape == (3, 4, 4) and tensor.dtype == np.float32
     np.testing.assert_allclose(tensor[:, 0, 0], [1.0, 2.0, 1.0])
+
+
+def test_modality_guess_survives_the_offsets_and_scalings_real_files_have(shared_data):
+    import nibabel as nib
+
+    ct = np.asarray(nib.load(str(shared_data / "totalseg" / "example_ct_sm.nii.gz")).dataobj).astype(np.float32)
+    mr = np.asarray(nib.load(str(shared_data / "totalseg" / "example_mr_sm.nii.gz")).dataobj).astype(np.float32)
+    brain = np.asarray(nib.load(str(shared_data / "colin27" / "ch2.nii.gz")).dataobj).astype(np.float32)
+    assert guess_modality(ct) == guess_modality(ct + 1024) == "ct"
+    for image in (mr, brain):
+        # an MR stored with a negative offset has air-like lows, but no body of fat and soft tissue
+        assert guess_modality(image) == guess_modality(image - 1000) == guess_modality(image * 0.01) == "mr"
+    # a CT stored as HU + 1024 gets the same windows, moved with it: the same model input
+    hu, stored = plan_views(ct, "auto", "multiview"), plan_views(ct + 1024, "auto", "multiview")
+    for a, b in zip(hu, stored):
+        assert (b.low, b.high) == (a.low + 1024, a.high + 1024)
+    assert np.array_equal(hu[0].apply(ct[..., 10]), stored[0].apply(ct[..., 10] + 1024))
+    # an MR shifted below zero keeps its percentile window (shifted), not a CT preset
+    shifted = plan_views(mr - 1000)[0]
+    assert shifted.low == pytest.approx(plan_views(mr)[0].low - 1000, abs=1e-3)
+
+
+def test_a_smaller_minimum_crop_can_be_asked_for():
+    crop = crop_for_box((10, 10, 12, 12), (1.0, 1.0), "square", 0.0, min_pixels=12)
+    assert crop.r1 - crop.r0 == pytest.approx(12)

@@ -49,13 +49,38 @@ def select_regions(
     mask = probability > threshold
     if inside is not None:
         mask &= inside
+        if not positive:
+            mask = box_region(mask, box)
     if positive:
         mask = _keep_at_points(mask, probability, positive, inside)
     if negative:
-        mask = _remove_at_points(mask, negative, positive)
+        mask = _remove_at_points(mask, negative, positive, probability)
     if fill_holes and mask.any():
         mask = ndimage.binary_fill_holes(mask)
     return mask
+
+
+# Which regions of a boxed mask to keep: "all", "centre" (the one under the box centre, else the
+# largest) or "largest". A box is drawn around one structure; a neighbour's edge inside it is a
+# leak (chosen on validation structures, docs/performance.md).
+BOX_REGIONS = "centre"
+
+
+def box_region(mask: np.ndarray, box: tuple[float, float, float, float], rule: str | None = None) -> np.ndarray:
+    """The region of a boxed mask that the box is about (see BOX_REGIONS)."""
+    rule = BOX_REGIONS if rule is None else rule
+    if rule == "all" or not mask.any():
+        return mask
+    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
+    if count == 1:
+        return mask
+    if rule == "centre":
+        centre = _pixel(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), mask.shape)
+        if labels[centre]:
+            return labels == labels[centre]
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def _keep_at_points(mask, probability, points, inside) -> np.ndarray:
@@ -80,23 +105,61 @@ def _keep_at_points(mask, probability, points, inside) -> np.ndarray:
     return keep
 
 
-def _remove_at_points(mask, negative, positive) -> np.ndarray:
+# How a negative point splits the region it lies in from the rest of the structure:
+# "probability" floods from both sides over 1 - probability (the cut follows low probability),
+# "shape" over the inverted distance to the edge (the cut follows the neck), "both" over their
+# mean, "nearest" by straight distance. Chosen on validation structures (docs/performance.md).
+NEGATIVE_SPLIT = "probability"
+# A negative point this deep inside its region (share of the region's deepest distance to the
+# edge) is on the structure itself: the whole region goes.
+CORE_SHARE = 0.6
+
+
+def _remove_at_points(mask, negative, positive, probability=None, split: str | None = None) -> np.ndarray:
+    """Trim the part of a region on the negative point's side; the whole region only when it is clicked in its core."""
+    split = NEGATIVE_SPLIT if split is None else split
     labels, _ = ndimage.label(mask, structure=_CONNECTIVITY)
     result = mask.copy()
-    positive_labels = {labels[_pixel(p, mask.shape)] for p in positive} - {0}
     for point in negative:
         r, c = _pixel(point, mask.shape)
         region = labels[r, c]
         if not region:
             continue
         component = labels == region
-        if region not in positive_labels:
-            result &= ~component
-            continue
-        # Split the shared region: pixels nearer this negative point than any positive point go.
-        same_region = [p for p in positive if labels[_pixel(p, mask.shape)] == region]
-        result &= ~(component & _nearer_to(mask.shape, (r, c), same_region))
+        anchors = [_pixel(p, mask.shape) for p in positive if labels[_pixel(p, mask.shape)] == region]
+        if not anchors:
+            depth = ndimage.distance_transform_edt(component)
+            if depth[r, c] >= CORE_SHARE * depth.max():
+                result &= ~component
+                continue
+            anchors = [np.unravel_index(int(np.argmax(depth)), depth.shape)]
+        result &= ~(component & _negative_side(component, (r, c), anchors, probability, split))
     return result
+
+
+def _negative_side(component, target, anchors, probability, split) -> np.ndarray:
+    """The pixels of a region that belong with the negative point rather than with the anchors."""
+    if split == "nearest":
+        return _nearer_to(component.shape, target, anchors)
+    rows, cols = np.flatnonzero(component.any(1)), np.flatnonzero(component.any(0))
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    inside = component[window]
+    depth = ndimage.distance_transform_edt(inside)
+    shape_cost = 1.0 - depth / max(float(depth.max()), 1e-9)
+    if split == "shape" or probability is None:
+        cost = shape_cost
+    else:
+        probability_cost = 1.0 - np.asarray(probability, dtype=np.float64)[window]
+        cost = probability_cost if split == "probability" else (probability_cost + shape_cost) / 2
+    elevation = np.where(inside, np.round(cost * 60000), 65535).astype(np.uint16)
+    markers = np.zeros(inside.shape, dtype=np.int16)
+    for r, c in anchors:
+        markers[r - rows[0], c - cols[0]] = 1
+    markers[target[0] - rows[0], target[1] - cols[0]] = 2
+    flooded = ndimage.watershed_ift(elevation, markers, structure=_CONNECTIVITY)
+    side = np.zeros(component.shape, dtype=bool)
+    side[window] = (flooded == 2) & inside
+    return side
 
 
 def _nearer_to(shape, target, others) -> np.ndarray:

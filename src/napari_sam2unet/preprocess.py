@@ -8,6 +8,7 @@ inverses of one affine map.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,23 +44,57 @@ class View:
     label: str = ""
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
-        scaled = (np.asarray(raw, dtype=np.float32) - self.low) / max(self.high - self.low, 1e-6)
+        # No floor on the width: an ADC map in m^2/s spans 3e-9, and any floor above that is black.
+        width = self.high - self.low
+        if not (math.isfinite(width) and width > 0):
+            raise InputError(f"the intensity window {self.low:g} to {self.high:g} is empty; choose LOW below HIGH")
+        scaled = (np.asarray(raw, dtype=np.float32) - np.float32(self.low)) * np.float32(1.0 / width)
         np.clip(scaled, 0.0, 1.0, out=scaled)
         if self.gamma != 1.0:
             np.power(scaled, self.gamma, out=scaled)
         return scaled * 255.0
 
 
-def ct_view(preset: str) -> View:
+def ct_view(preset: str, offset: float = 0.0) -> View:
+    """A CT window preset for a file whose stored values + offset are HU (offset -1024 for a
+    file stored as HU + 1024: its window moves up by 1024)."""
     level, width = CT_PRESETS[preset]
-    return View(level - width / 2, level + width / 2, 1.0, f"CT {preset} W{width:g}/L{level:g}")
+    label = f"CT {preset} W{width:g}/L{level:g}" + (f" (stored as HU{-offset:+g})" if offset else "")
+    return View(level - width / 2 - offset, level + width / 2 - offset, 1.0, label)
+
+
+# CT is stored in Hounsfield units or, without the rescale intercept, as HU + 1024.
+_CT_OFFSETS = (0.0, -1024.0)
+# In HU, air is below -850 and most of a body is fat to soft tissue (-150..150); an MR shifted
+# below zero has air-like lows too, but its tissue does not pile up exactly there.
+_CT_SOFT_SHARE = 0.35
+_CT_AIR_SHARE = 0.02
 
 
 def guess_modality(volume: np.ndarray) -> str:
-    """'ct' when intensities look like Hounsfield units (air near -1000), else 'mr'."""
+    """'ct' when intensities look like Hounsfield units (or HU + 1024), else 'mr'.
+
+    Not just "air near -1000": an MR stored with a negative offset has that too. CT is air
+    *and* a body whose voxels gather at fat to soft tissue, in HU or in HU + 1024.
+    """
+    return "mr" if _hounsfield_offset(volume) is None else "ct"
+
+
+def _hounsfield_offset(volume: np.ndarray) -> float | None:
+    """What to add to the volume to get Hounsfield units, or None when it does not look like CT."""
     sample = _sample(volume)
-    low, high = np.percentile(sample, [1, 99])
-    return "ct" if low < -500 and high < 4000 else "mr"
+    sample = sample[np.isfinite(sample)]
+    whole_numbers = bool(np.all(sample == np.round(sample)))
+    for offset in _CT_OFFSETS if sample.size else ():
+        hu = sample + offset
+        # HU + 1024 is how raw scanner integers are stored; a resampled (float) file is in HU.
+        if np.percentile(hu, 99) > 4000 or (offset and not whole_numbers):
+            continue
+        body = hu[hu >= -850]
+        air_share = 1 - body.size / hu.size
+        if air_share >= _CT_AIR_SHARE and body.size and np.mean(np.abs(body) <= 150) >= _CT_SOFT_SHARE:
+            return offset
+    return None
 
 
 def _sample(volume: np.ndarray) -> np.ndarray:
@@ -75,27 +110,29 @@ def plan_views(volume: np.ndarray, window: str = "auto", channels: str = "replic
     preset name, or 'LOW:HIGH' in raw units. channels: 'replicate' (one view three times, as the
     official models expect) or 'multiview' (the window plus two complementary views).
     """
-    modality = "mr"
+    modality, offset = "mr", 0.0
     if window == "auto":
-        modality = guess_modality(volume)
+        found = _hounsfield_offset(volume)
+        modality = "mr" if found is None else "ct"
+        offset = found or 0.0
         window = "soft_tissue" if modality == "ct" else "mr"
     if window in CT_PRESETS:
         modality = "ct"
-        primary = ct_view(window)
+        primary = ct_view(window, offset)
     elif window == "mr":
         low, high = np.percentile(_sample(volume), MR_PERCENTILES)
         primary = View(float(low), float(high), 1.0, f"MR percentiles {MR_PERCENTILES[0]}-{MR_PERCENTILES[1]}")
     else:
         primary = _custom_view(window)
-    if primary.high <= primary.low:
+    if primary.high <= primary.low:  # only percentiles get here: custom windows are checked as parsed
         raise InputError(
-            f"the intensity window {primary.label} is empty ({primary.low:g} to {primary.high:g}): "
-            f"the image is nearly constant; choose a window with --window LOW:HIGH"
+            f"the image is nearly constant: its {primary.label} window is empty ({primary.low:g} to "
+            f"{primary.high:g}); choose a window with --window LOW:HIGH"
         )
     if channels == "replicate":
         return primary, primary, primary
     if modality == "ct":
-        others = [ct_view(name) for name in ("lung", "bone", "soft_tissue") if ct_view(name) != primary]
+        others = [ct_view(name, offset) for name in ("lung", "bone", "soft_tissue") if ct_view(name, offset) != primary]
         return primary, others[0], others[1]
     # MR: the same range with a brightening and a darkening gamma shows faint and bright edges.
     return (
@@ -111,6 +148,13 @@ def _custom_view(window: str) -> View:
     except ValueError:
         choices = ", ".join(WINDOW_CHOICES)
         raise InputError(f"unknown window {window!r}: use one of {choices} or LOW:HIGH") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InputError(f"--window {window}: LOW and HIGH must be finite numbers in the image's units, e.g. 0:300")
+    if not low < high:
+        raise InputError(
+            f"--window {window}: LOW must be below HIGH, e.g. --window {high:g}:{low:g}" if low > high
+            else f"--window {window}: LOW and HIGH are equal, an empty range; give LOW below HIGH"
+        )
     return View(low, high, 1.0, f"window {low:g}:{high:g}")
 
 
@@ -133,6 +177,7 @@ def crop_for_box(
     spacing: tuple[float, float] = (1.0, 1.0),
     mode: str = "square",
     margin: float = 0.15,
+    min_pixels: float | None = None,
 ) -> Crop:
     """The region the model sees for a box (r0, c0, r1, c1), half-open voxel ranges.
 
@@ -142,7 +187,7 @@ def crop_for_box(
     r0, c0, r1, c1 = box
     sr, sc = spacing
     centre_r, centre_c = (r0 + r1) / 2, (c0 + c1) / 2
-    min_mm = MIN_CROP_PIXELS * min(sr, sc)
+    min_mm = (MIN_CROP_PIXELS if min_pixels is None else min_pixels) * min(sr, sc)
     height_mm = max((r1 - r0) * sr * (1 + 2 * margin), min_mm)
     width_mm = max((c1 - c0) * sc * (1 + 2 * margin), min_mm)
     if mode == "square":

@@ -16,23 +16,15 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..models import InputSpec
-from ..preprocess import View, crop_for_box, plan_views, sample_crop, to_model_input
+from ..preprocess import View, crop_for_box, guess_modality, plan_views, sample_crop, to_model_input
+from .datasets import CaseSpec, LabelSpec, check_splits
 
-DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 MIN_AREA = 12  # pixels of a structure on a slice for it to be a training target
 AXIAL_WEIGHT = 0.6  # share of crops from the last (superior-inferior) axis
-
-# Held out of training for checkpoint choice (validation): structures, by (source, layer, id).
-VAL_AAL = tuple(range(8, 117, 8))  # every 8th AAL region
-VAL_CT_ORGANS = (1, 7, 86)  # TotalSegmentator ids in example_seg
-VAL_VERTEBRAE = (30,)
-
-ATTRIBUTION = {
-    "colin27": "Colin27 T1 (ch2), brain (ch2bet) and AAL atlas, Debian package mricron-data, BSD-3-Clause",
-    "totalseg": "TotalSegmentator 2.18.0 tests/reference_files (example CT/MR and label maps), Apache-2.0",
-    "mni152": "MNI152 2009 template and masks shipped by nilearn "
-    "(BSD-3-Clause package; template (c) McConnell Brain Imaging Centre)",
-}
+# Training crops vary the framing a user's box gives: margin around the box, and the smallest
+# crop a tiny box is enlarged to (the engine's MIN_CROP_PIXELS is chosen on validation).
+MARGIN_RANGE = (0.0, 0.5)
+MIN_CROP_CHOICES = (12, 16, 24)
 
 
 @dataclass
@@ -55,6 +47,7 @@ class Source:
     weight: float = 1.0
     views: tuple[View, View, View] | None = None
     modality: str = "mr"
+    patient: str = ""
     # (axis, layer index, id) -> slice indices where the structure covers >= MIN_AREA pixels
     slices: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
 
@@ -103,85 +96,86 @@ def _load(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
 
     if not path.is_file():
         raise InputError(f"{path} does not exist; see shared/data/README.md for the training data")
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms()[:3])
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as error:  # nibabel raises several kinds for unreadable files
+        raise InputError(f"{path} cannot be read as NIfTI ({str(error).splitlines()[0]})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-def load_sources(data_dir: Path = DATA_DIR, include_val: bool = False) -> list[Source]:
-    """The training scans; structures held out for validation are excluded unless include_val."""
-    d = Path(data_dir)
-    sources = []
-
-    def ids(all_ids, held):
-        return tuple(int(i) for i in all_ids if i != 0 and (include_val or i not in held))
-
-    # Colin27: T1 with skull, AAL regions and the brain mask.
-    t1, sp = _load(d / "colin27" / "ch2.nii.gz")
-    aal, _ = _load(d / "colin27" / "aal.nii.gz")
-    bet, _ = _load(d / "colin27" / "ch2bet.nii.gz")
-    t1 = t1.astype(np.float32)
-    aal = aal.astype(np.int16)
-    check_pair(t1, aal, "colin27/aal")
-    brain = (bet > 0).astype(np.uint8)
-    synth = aal.copy()
-    synth[(synth == 0) & (brain > 0)] = 117
-    head = (synth == 0) & (t1 > 20)
-    bins = np.digitize(t1, [60, 120])
-    synth[head] = (118 + bins[head]).astype(np.int16)
-    sources.append(
-        Source("colin27", t1, sp, [Layer(aal, ids(range(1, 117), VAL_AAL)), Layer(brain, (1,))],
-               synth_labels=synth, weight=1.0)
-    )
-    # Abdominal CT with organs and tissue types.
-    ct, sp = _load(d / "totalseg" / "example_ct_sm.nii.gz")
-    seg, _ = _load(d / "totalseg" / "example_seg.nii.gz")
-    ct = ct.astype(np.float32)
-    seg = seg.astype(np.int16)
-    check_pair(ct, seg, "totalseg/example_seg")
-    layers = [Layer(seg, ids(np.unique(seg), VAL_CT_ORGANS))]
-    synth = seg.copy()
-    for k, name in enumerate(("skeletal_muscle", "subcutaneous_fat", "torso_fat")):
-        tissue, _ = _load(d / "totalseg" / "tissue_types" / f"{name}.nii.gz")
-        check_pair(ct, tissue, f"tissue_types/{name}")
-        tissue = (tissue > 0).astype(np.uint8)
-        layers.append(Layer(tissue, (1,)))
-        synth[(synth == 0) & (tissue > 0)] = 200 + k
-    _threshold_classes(ct, synth)
-    sources.append(Source("ct_sm", ct, sp, layers, synth_labels=synth, weight=1.2))
-    # Longer CT with vertebrae.
-    ct2, sp = _load(d / "totalseg" / "example_ct.nii.gz")
-    vert, _ = _load(d / "totalseg" / "example_ct_vertebrae.nii.gz")
-    ct2 = ct2.astype(np.float32)
-    vert = vert.astype(np.int16)
-    check_pair(ct2, vert, "totalseg/example_ct_vertebrae")
-    synth = vert.copy()
-    _threshold_classes(ct2, synth)
-    sources.append(Source("ct_vert", ct2, sp, [Layer(vert, ids(np.unique(vert), VAL_VERTEBRAE))],
-                          synth_labels=synth, weight=0.6))
-    for s in sources:
-        s.modality = "ct" if s.name.startswith("ct") else "mr"
-        s.views = plan_views(s.image, "auto", "multiview")
-        index_slices(s)
-    return sources
+def load_layer(spec: LabelSpec, image: np.ndarray, what: str) -> Layer:
+    """A label map as targets: its ids, their union, or a mask image's voxels above a value."""
+    data, _ = _load(spec.file)
+    what = f"{what}: {spec.file}"
+    if spec.above is not None:
+        data = (data > spec.above).astype(np.uint8)
+    check_pair(image, data, what)
+    labels = data.astype(np.int32)
+    present = tuple(int(i) for i in np.unique(labels) if i > 0)
+    ids = present if spec.ids is None else tuple(i for i in spec.ids if i in present)
+    if not ids:
+        raise InputError(f"{what}: none of the ids {list(spec.ids)} occur in the label map")
+    if spec.union:
+        return Layer(np.isin(labels, ids).astype(np.uint8), (1,))
+    # int16 halves the memory of int32; ids beyond its range are rare in label maps.
+    return Layer(labels.astype(np.int16) if labels.max() < 32767 else labels, ids)
 
 
-def _threshold_classes(ct: np.ndarray, synth: np.ndarray) -> None:
-    """Fill unlabelled voxels of a CT label map with coarse intensity classes (for synthesis)."""
+def load_case(case: CaseSpec) -> Source:
+    """A case's image and label layers, checked, with the slices each structure covers."""
+    image, spacing = _load(case.image)
+    if np.iscomplexobj(image) or image.ndim != 3:
+        raise InputError(f"{case.name}: {case.image} must be a 3D real-valued volume, got {image.ndim}D {image.dtype}")
+    image = image.astype(np.float32)
+    layers = [load_layer(spec, image, case.name) for spec in case.labels]
+    modality = guess_modality(image) if case.modality == "auto" else case.modality
+    source = Source(case.name, image, spacing, layers, weight=case.weight, modality=modality, patient=case.patient)
+    source.synth_labels = synthetic_label_map(image, layers, modality)
+    source.views = plan_views(image, "soft_tissue" if modality == "ct" else "mr", "multiview")
+    index_slices(source)
+    return source
+
+
+def load_sources(cases: list[CaseSpec]) -> list[Source]:
+    return [load_case(case) for case in cases]
+
+
+def synthetic_label_map(image: np.ndarray, layers: list[Layer], modality: str) -> np.ndarray:
+    """Every labelled structure under an id of its own, the rest as coarse intensity classes.
+
+    Synthetic contrasts paint one random intensity per id, so the map needs the whole scene:
+    structures from every layer (earlier layers win), then tissue classes by intensity.
+    """
+    synth = np.zeros(image.shape, np.int16)
+    next_id = 1
+    for layer in layers:
+        lut = np.zeros(int(layer.labels.max()) + 1, np.int16)
+        lut[list(layer.ids)] = np.arange(next_id, next_id + len(layer.ids))
+        next_id += len(layer.ids)
+        free = (synth == 0) & (layer.labels > 0)
+        synth[free] = lut[layer.labels[free]]
     free = synth == 0
-    body = ndimage.binary_fill_holes(ct > -500) if ct.ndim == 3 else ct > -500
-    for lo, hi, lab in ((-1e9, -400, 205), (-400, -30, 201), (-30, 250, 203), (250, 1e9, 204)):
-        sel = free & body & (ct >= lo) & (ct < hi)
-        synth[sel] = lab
+    if modality == "ct":
+        body = ndimage.binary_fill_holes(image > -500)
+        edges = [-400, -30, 250]
+    else:
+        sample = image[:: 3, :: 3, :: 3]
+        low, high = np.percentile(sample, [1, 99])
+        body = image > low + 0.05 * (high - low)
+        inside = sample[sample > low + 0.05 * (high - low)]
+        edges = list(np.percentile(inside, [33, 66])) if inside.size else []
+    classes = np.digitize(image, edges).astype(np.int16) + next_id
+    synth[free & body] = classes[free & body]
+    return synth
 
 
-def validation_sources(data_dir: Path = DATA_DIR) -> list[Source]:
-    """The same scans restricted to the held-out validation structures."""
-    sources = load_sources(data_dir, include_val=True)
-    keep = {"colin27": {0: VAL_AAL}, "ct_sm": {0: VAL_CT_ORGANS}, "ct_vert": {0: VAL_VERTEBRAE}}
-    for s in sources:
-        allowed = keep[s.name]
-        s.slices = {k: v for k, v in s.slices.items() if k[1] in allowed and k[2] in allowed[k[1]]}
-    return sources
+def split_cases(cases: list[CaseSpec]) -> dict[str, list[CaseSpec]]:
+    """Cases by split, after checking no patient sits in two splits."""
+    check_splits(cases)
+    return {split: [c for c in cases if c.split == split] for split in ("train", "validation", "test")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,12 +313,20 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None, box=None):
-    """(3xSxS model input, SxS bool target) for a box around mask2d (jittered when rng)."""
+    """(3xSxS model input, SxS bool target) for a box around mask2d.
+
+    With rng the box is jittered as people draw it and the framing varies (margin, smallest
+    crop), so the model does not learn one framing of its targets.
+    """
     if box is None:
         box = bbox(mask2d)
         if rng is not None:
             box = jitter_box(rng, box, mask2d.shape)
-    crop = crop_for_box(box, spacing2d, spec.crop, spec.margin)
+    margin, min_pixels = spec.margin, None
+    if rng is not None:
+        margin = float(rng.uniform(*MARGIN_RANGE))
+        min_pixels = int(rng.choice(MIN_CROP_CHOICES))
+    crop = crop_for_box(box, spacing2d, spec.crop, margin, min_pixels)
     raw = sample_crop(image2d, crop, size)
     target = sample_crop(mask2d.astype(np.float32), crop, size, fill=0.0) > 0.5
     return to_model_input(raw, views, spec), target
@@ -341,14 +343,33 @@ def _jitter_views(rng, views, modality):
     return tuple(out)
 
 
+def _pick_structure(rng, src: Source) -> tuple[int, int, int]:
+    """A layer first, then one of its structures: a brain mask beside 116 atlas regions still
+    gets its share, and large structures are not drowned by many small ones."""
+    keys = list(src.slices)
+    layers = sorted({k[1] for k in keys})
+    li = layers[rng.integers(len(layers))]
+    keys = [k for k in keys if k[1] == li]
+    axis_p = np.array([AXIAL_WEIGHT if k[0] == 2 else (1 - AXIAL_WEIGHT) / 2 for k in keys])
+    return keys[rng.choice(len(keys), p=axis_p / axis_p.sum())]
+
+
+def _paint_lesion(rng, img, views, spacing2d):
+    """A synthetic lesion whose contrast shows in one of the three views (not always the first):
+    on CT a lesion may be visible only in the lung window, as subsolid margins are."""
+    view = views[0] if rng.random() < 0.6 else views[int(rng.integers(1, 3))]
+    width = view.high - view.low
+    scaled = (img - view.low) / max(width, 1e-6)
+    fg = (scaled > 0.1) & (scaled < 0.95)
+    fg = ndimage.binary_erosion(fg, iterations=3) if fg.sum() > 500 else fg
+    return add_lesion(rng, img, spacing2d, width, fg)
+
+
 def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, lesion_share=0.25):
     """One training crop: (x 3xSxS float32, target SxS bool, kind)."""
     weights = np.array([s.weight for s in sources], float)
     src = sources[rng.choice(len(sources), p=weights / weights.sum())]
-    axes = [k for k in src.slices]
-    axis_p = np.array([AXIAL_WEIGHT if k[0] == 2 else (1 - AXIAL_WEIGHT) / 2 for k in axes])
-    key = axes[rng.choice(len(axes), p=axis_p / axis_p.sum())]
-    axis, li, lid = key
+    axis, li, lid = key = _pick_structure(rng, src)
     k = int(rng.choice(src.slices[key]))
     take = lambda a: np.take(a, k, axis=axis)  # noqa: E731
     spacing2d = tuple(s for i, s in enumerate(src.spacing) if i != axis)
@@ -370,10 +391,7 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
         img = take(src.image).astype(np.float32)
         views = _jitter_views(rng, src.views, src.modality)
     if rng.random() < lesion_share:
-        width = views[0].high - views[0].low
-        fg = img > views[0].low + 0.1 * width
-        fg = ndimage.binary_erosion(fg, iterations=3) if fg.sum() > 500 else fg
-        img2, lesion = add_lesion(rng, img, spacing2d, width, fg)
+        img2, lesion = _paint_lesion(rng, img, views, spacing2d)
         if lesion is not None:
             img, mask, kind = img2, lesion, kind + "+lesion"
     if mask.sum() < 4:
@@ -410,12 +428,12 @@ def batch(rng, sources, spec, size, n):
     return np.stack(xs).astype(np.float32), np.stack(ys)[:, None].astype(np.float32)
 
 
-def _producer(queue, seed, spec_dict, size, batch_size, data_dir):
+def _producer(queue, seed, spec_dict, size, batch_size, cases):
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rng = np.random.default_rng(seed)
-    sources = load_sources(Path(data_dir))
+    sources = load_sources(cases)
     spec = InputSpec(**spec_dict)
     while True:
         queue.put(batch(rng, sources, spec, size, batch_size))
@@ -424,12 +442,12 @@ def _producer(queue, seed, spec_dict, size, batch_size, data_dir):
 class CropStream:
     """Batches generated continuously in a second process (a queue a few batches deep)."""
 
-    def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, data_dir=DATA_DIR, depth=6):
+    def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[CaseSpec], depth=6):
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue(maxsize=depth)
         spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
         self.proc = ctx.Process(
-            target=_producer, args=(self.queue, seed, spec_dict, tuple(size), batch_size, str(data_dir)),
+            target=_producer, args=(self.queue, seed, spec_dict, tuple(size), batch_size, list(cases)),
             daemon=True,
         )
         self.proc.start()
@@ -443,10 +461,11 @@ class CropStream:
         self.proc.join(timeout=5)
 
 
-def validation_set(spec: InputSpec, size, n: int = 160, seed: int = 1234, data_dir=DATA_DIR):
-    """Fixed crops of held-out structures from real scans (no lesions): for checkpoint choice."""
+def validation_set(spec: InputSpec, size, cases: list[CaseSpec], n: int = 160, seed: int = 1234):
+    """Fixed crops of the validation patients' structures (real images, no lesions, framing as
+    users vary it): for checkpoint choice."""
     rng = np.random.default_rng(seed)
-    sources = validation_sources(Path(data_dir))
+    sources = load_sources(cases)
     xs, ys = [], []
     while len(xs) < n:
         out = sample(rng, sources, spec, size, synth_share=0.0, lesion_share=0.0)

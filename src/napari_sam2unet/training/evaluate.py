@@ -2,16 +2,19 @@
 
 Every slice a structure touches gets a box from its reference outline, enlarged by 10% (the
 "tight" protocol) or moved and resized at random as people draw them (the "jittered" protocol,
-fixed seed). The "propagated" protocol boxes only the structure's largest slice and propagates
-from there, as `--scope propagate` does. Each model segments through the engine, exactly as the
-CLI would; the classical baseline (Otsu inside the box, the region under the box centre, holes
-filled) sees the same boxes, the same intensity window and the same propagation rule.
+fixed seed). "interpolated" boxes only the first, middle and last slice and lets the engine
+interpolate the boxes between them (`--scope between`); "propagated" boxes only the structure's
+largest slice and propagates from there (`--scope propagate`). Each model segments through the
+engine, exactly as the CLI would; the classical baseline (Otsu inside the box, the region under
+the box centre, holes filled) sees the same boxes, the same intensity window and the same
+propagation rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +26,10 @@ from ..errors import InputError
 from ..preprocess import plan_views
 from ..prompts import Box, Prompts
 
-# The held-out test scan: never seen in training or checkpoint choice (see models/README.md).
-TEST_SCAN = ("totalseg/example_mr_sm.nii.gz", "totalseg/example_seg_mr.nii.gz")
 MIN_VOXELS = 50  # structures smaller than this in the whole volume are not scored
 SMALL_VOXELS = 500  # structures below this are reported as "small" too
 ENLARGE = 0.10
-PROTOCOLS = ("tight", "jittered", "propagated")
+PROTOCOLS = ("tight", "jittered", "interpolated", "propagated")
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Case:
     """One structure of one scan: what a user would box slice by slice."""
 
     scan: str
-    label: int
+    label: int | str
     mask: np.ndarray  # bool, the reference
     boxes: dict[str, list[Box]] = field(default_factory=dict)  # protocol -> boxes
 
@@ -68,8 +69,12 @@ def jittered_box(rng, rows, cols, shape) -> tuple[float, ...]:
     return i0, j0, i1, j1
 
 
-def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: int = MIN_VOXELS) -> list[Case]:
-    """A case per label with at least min_voxels voxels; boxes on every slice it touches."""
+def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: int = MIN_VOXELS,
+               names: dict[int, str] | None = None) -> list[Case]:
+    """A case per label with at least min_voxels voxels; boxes on every slice it touches.
+
+    names: what to call a label in the report instead of its value (a union layer's one label).
+    """
     rng = np.random.default_rng(seed)
     cases = []
     ids, counts = np.unique(labels, return_counts=True)
@@ -77,7 +82,8 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
         if label == 0 or count < min_voxels:
             continue
         mask = labels == label
-        case = Case(scan, int(label), mask, {p: [] for p in PROTOCOLS})
+        name = (names or {}).get(int(label), int(label))
+        case = Case(scan, name, mask, {p: [] for p in PROTOCOLS})
         largest = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))
         for k in range(mask.shape[axis]):
             plane = np.take(mask, k, axis=axis)
@@ -90,6 +96,8 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             case.boxes["jittered"].append(Box(k, *jittered_box(rng, rows, cols, plane.shape)))
             if k == largest:
                 case.boxes["propagated"].append(case.boxes["tight"][-1])
+        tight = case.boxes["tight"]
+        case.boxes["interpolated"] = [tight[0], tight[len(tight) // 2], tight[-1]] if len(tight) > 2 else list(tight)
         cases.append(case)
     return cases
 
@@ -129,9 +137,15 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
     return mask
 
 
-def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, propagate: bool = False) -> np.ndarray:
-    """Otsu in each box (on the window `view`); with propagate, outwards with the engine's rule."""
+def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, protocol: str = "tight") -> np.ndarray:
+    """Otsu in each box (on the window `view`); interpolated boxes between the given ones, or
+    propagation outwards with the engine's rule, as the protocol says."""
     from ..engine import PROPAGATE_GROWTH, mask_box, propagation_continues
+    from ..prompts import interpolate_boxes
+
+    propagate = protocol == "propagated"
+    if protocol == "interpolated":
+        boxes = list(interpolate_boxes(boxes).values())
 
     out = np.zeros(data.shape, dtype=bool)
 
@@ -157,52 +171,83 @@ def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, propaga
 # --- running ------------------------------------------------------------------------------
 
 
+SCOPE_OF = {"tight": "slices", "jittered": "slices", "interpolated": "between", "propagated": "propagate"}
+
+
+def load_cases(specs, axis: int, seed: int, min_voxels: int) -> list[tuple]:
+    """(volume, structures) per scan: every id of each label layer, and each union layer as one."""
+    from ..io import read_volume
+    from .data import load_layer
+
+    loaded = []
+    for spec in specs:
+        volume = read_volume(spec.image)
+        cases = []
+        for layer_spec in spec.labels:
+            layer = load_layer(layer_spec, np.asarray(volume.data), spec.name)
+            names = {1: layer_spec.name or "union"} if layer_spec.union else None
+            cases += make_cases(spec.name, np.isin(layer.labels, layer.ids) * layer.labels, axis, seed,
+                                min_voxels, names)
+        loaded.append((volume, cases))
+    return loaded
+
+
 def evaluate(
-    scans: list[tuple[Path, Path]],
+    scans,
     models: list[str],
     axis: int = 2,
     window: str = "auto",
     seed: int = 0,
     min_voxels: int = MIN_VOXELS,
     threads: int | None = None,
+    margin: float | None = None,
+    protocols: tuple[str, ...] = PROTOCOLS,
+    baseline: bool = True,
+    threshold: float | None = None,
 ) -> dict:
-    """Dice per case for each method and protocol; returns a JSON-ready report."""
+    """Dice per case for each method and protocol; returns a JSON-ready report.
+
+    scans: CaseSpec objects (datasets.py) or (image, label map) path pairs. margin: evaluate
+    with this crop margin instead of the card's (to measure how much framing matters).
+    """
+    from dataclasses import replace
+
     from ..backends import open_backend
     from ..engine import Engine
-    from ..io import read_volume
     from ..models import find_model
+    from .datasets import CaseSpec, LabelSpec
 
-    report: dict = {"axis": axis, "window": window, "seed": seed, "enlarge": ENLARGE, "cases": [], "methods": {}}
-    loaded = []
-    for image_path, label_path in scans:
-        volume = read_volume(image_path)
-        labels = np.asarray(read_volume(label_path).data).round().astype(np.int32)
-        if labels.shape != volume.data.shape:
-            raise InputError(f"{label_path} ({labels.shape}) is not on the grid of {image_path} ({volume.data.shape})")
-        cases = make_cases(Path(image_path).name, labels, axis, seed, min_voxels)
-        loaded.append((volume, cases))
+    specs = [s if isinstance(s, CaseSpec) else CaseSpec(Path(s[0]).name, Path(s[0]), (LabelSpec(Path(s[1])),), "")
+             for s in scans]
+    report: dict = {"axis": axis, "window": window, "seed": seed, "enlarge": ENLARGE, "margin": margin,
+                    "threshold": threshold,
+                    "protocols": list(protocols), "cases": [], "methods": {}}
+    loaded = load_cases(specs, axis, seed, min_voxels)
+    for _, cases in loaded:
         report["cases"] += [{"scan": c.scan, "label": c.label, "voxels": c.voxels} for c in cases]
-    # the classical baseline
-    method = report["methods"].setdefault("otsu-in-box", {p: [] for p in PROTOCOLS})
-    for volume, cases in loaded:
-        view = plan_views(volume.data, window, "replicate")[0]  # the window the models get first
-        for case in cases:
-            for protocol in PROTOCOLS:
-                pred = baseline_volume(volume.data, case.boxes[protocol], axis, view, protocol == "propagated")
-                method[protocol].append(dice(pred, case.mask))
+    if baseline:
+        method = report["methods"].setdefault("otsu-in-box", {p: [] for p in protocols})
+        for volume, cases in loaded:
+            view = plan_views(volume.data, window, "replicate")[0]  # the window the models get first
+            for case in cases:
+                for protocol in protocols:
+                    pred = baseline_volume(volume.data, case.boxes[protocol], axis, view, protocol)
+                    method[protocol].append(dice(pred, case.mask))
     for model in models:
         card = find_model(model)
         backend, _ = open_backend(card, "cpu", threads=threads)
         with backend:
             engine = Engine(backend)
-            scores = {p: [] for p in PROTOCOLS}
+            if margin is not None:
+                engine.card = replace(engine.card, input=replace(engine.card.input, margin=float(margin)))
+            scores = {p: [] for p in protocols}
             began = time.perf_counter()
             for volume, cases in loaded:
                 engine.set_volume(volume.data, volume.spacing, axis, window)
                 for case in cases:
-                    for protocol in PROTOCOLS:
-                        scope = "propagate" if protocol == "propagated" else "slices"
-                        result = engine.segment(Prompts(boxes=case.boxes[protocol]), scope=scope)
+                    for protocol in protocols:
+                        result = engine.segment(Prompts(boxes=case.boxes[protocol]), scope=SCOPE_OF[protocol],
+                                                threshold=threshold)
                         scores[protocol].append(dice(result.mask, case.mask))
             name = card.name if card.name not in report["methods"] else f"{card.name} ({model})"
             report["methods"][name] = scores
@@ -230,28 +275,28 @@ def summarise(report: dict) -> dict:
 def markdown_table(report: dict) -> str:
     """The summary and the per-case table, as Markdown for docs and model cards."""
     methods = list(report["methods"])
+    protocols = report.get("protocols", PROTOCOLS)
     lines = [
-        "| method | " + " | ".join(f"{p} mean Dice" for p in PROTOCOLS) + " | "
-        + " | ".join(f"{p} small (<{SMALL_VOXELS} vox)" for p in PROTOCOLS) + " |",
-        "|---" * (1 + 2 * len(PROTOCOLS)) + "|",
+        "| method | " + " | ".join(f"{p} mean Dice" for p in protocols) + " | "
+        + " | ".join(f"{p} small (<{SMALL_VOXELS} vox)" for p in protocols) + " |",
+        "|---" * (1 + 2 * len(protocols)) + "|",
     ]
     for name in methods:
         s = report["summary"][name]
-        cells = [f"{s[p]['mean']:.3f}" for p in PROTOCOLS] + [
-            f"{s[p]['small_mean']:.3f}" if s[p]["small_mean"] is not None else "-" for p in PROTOCOLS
+        cells = [f"{s[p]['mean']:.3f}" for p in protocols] + [
+            f"{s[p]['small_mean']:.3f}" if s[p]["small_mean"] is not None else "-" for p in protocols
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| scan | label | voxels | " + " | ".join(f"{m} (tight)" for m in methods) + " |",
+    first = protocols[0]
+    lines += ["", "| scan | label | voxels | " + " | ".join(f"{m} ({first})" for m in methods) + " |",
               "|---" * (3 + len(methods)) + "|"]
     for index, case in enumerate(report["cases"]):
-        cells = [f"{report['methods'][m]['tight'][index]:.3f}" for m in methods]
+        cells = [f"{report['methods'][m][first][index]:.3f}" for m in methods]
         lines.append(f"| {case['scan']} | {case['label']} | {case['voxels']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def add_eval_parser(subparsers) -> None:
-    from .data import DATA_DIR
-
     p: argparse.ArgumentParser = subparsers.add_parser(
         "eval",
         help="box-steered 3D Dice per structure on held-out scans, against an Otsu-in-box baseline",
@@ -261,8 +306,17 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--model", action="append", default=None,
                    help="model name or .onnx/.yaml path; repeat to compare (default: the bundled model)")
     p.add_argument("--scan", action="append", default=None, metavar="IMAGE:LABELS",
-                   help=f"image and label map to score (default: the held-out {TEST_SCAN[0]} in --data-dir)")
-    p.add_argument("--data-dir", default=str(DATA_DIR), help="the shared/data folder")
+                   help="image and label map to score (default: the test split of --data)")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="cases to score: a manifest, case folders or an MSD dataset (default: the bundled "
+                   "model's manifest)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                   help="which split of a manifest to score (folders count as this split)")
+    p.add_argument("--data-root", default=os.environ.get("SAM2UNET_DATA"),
+                   help="the folder a manifest's paths are relative to (default: $SAM2UNET_DATA)")
+    p.add_argument("--margin", type=float, default=None, help="crop margin instead of the card's")
+    p.add_argument("--protocol", action="append", choices=PROTOCOLS, default=None,
+                   help="score only these protocols (repeat; default: all)")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     p.add_argument("--window", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the jittered boxes")
@@ -284,8 +338,15 @@ def run_eval(args) -> int:
                 raise InputError(f"--scan {text!r}: give IMAGE:LABELS")
             scans.append((Path(image), Path(labels)))
     else:
-        scans = [(Path(args.data_dir) / TEST_SCAN[0], Path(args.data_dir) / TEST_SCAN[1])]
-    report = evaluate(scans, args.model or [None], args.axis, args.window, args.seed, args.min_voxels, args.threads)
+        from .datasets import default_manifest, find_cases
+
+        found = find_cases(args.data or [default_manifest()], args.split, args.data_root)
+        scans = [c for c in found if c.split == args.split]
+        if not scans:
+            where = ", ".join(map(str, args.data or ["the bundled manifest"]))
+            raise InputError(f"no cases in the {args.split} split of {where}")
+    report = evaluate(scans, args.model or [None], args.axis, args.window, args.seed, args.min_voxels, args.threads,
+                      args.margin, tuple(args.protocol or PROTOCOLS))
     table = markdown_table(report)
     print(table)
     if args.json:
@@ -297,7 +358,11 @@ def run_eval(args) -> int:
     return 0
 
 
-def update_card(model: str | None, report: dict, scans: list[tuple[Path, Path]]) -> Path:
+def _scan_name(scan) -> str:
+    return scan.name if hasattr(scan, "labels") else Path(scan[0]).name
+
+
+def update_card(model: str | None, report: dict, scans) -> Path:
     """Record the evaluation in the model's card (the .onnx and its sha256 are untouched)."""
     from ..models import find_model, load_card, write_card
 
@@ -309,7 +374,7 @@ def update_card(model: str | None, report: dict, scans: list[tuple[Path, Path]])
     own = next(n for n in names if n == card.name or n.startswith(card.name + " ("))
     data.setdefault("metrics", {})["held_out_test"] = {
         "what": "box-steered 3D Dice per structure (boxes from the reference outline on every axial slice)",
-        "scans": [Path(image).name for image, _ in scans],
+        "scans": [_scan_name(scan) for scan in scans],
         "cases": len(report["cases"]),
         "min_voxels": int(min(c["voxels"] for c in report["cases"])) if report["cases"] else None,
         "enlarge": ENLARGE,

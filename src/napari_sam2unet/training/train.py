@@ -191,9 +191,10 @@ def train(args) -> Path:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     spec = input_spec(args)
-    data_dir = Path(args.data_dir)
-    if not data_dir.is_dir():
-        raise InputError(f"training data folder {data_dir} does not exist; pass --data-dir")
+    splits = training_cases(args)
+    # Read every training case once here: a bad file stops the run with its name, before any
+    # step (the crop stream reads them again in its own process).
+    tdata.load_sources(splits["train"])
     model = build_model(args.arch, args.config).to(device)
     ema = Ema(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -217,21 +218,16 @@ def train(args) -> Path:
             "or choose another --out-dir"
         )
     teacher = load_teacher(args.teacher, device) if args.teacher else None
-    vx, vy = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), n=args.val_crops, data_dir=data_dir)
+    vx, vy = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), splits["validation"], n=args.val_crops)
     _drop_log_after(out / "log.jsonl", step)
     log = open(out / "log.jsonl", "a")
 
     def save(path):
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-                "opt": opt.state_dict(), "step": step, "best": best, "history": history,
-                "torch_rng": torch.get_rng_state(), "args": vars(args),
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        _save_atomic(torch, {
+            "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+            "opt": opt.state_dict(), "step": step, "best": best, "history": history,
+            "torch_rng": torch.get_rng_state(), "args": saved_args(args),
+        }, path)
 
     stream, stream_phase = None, None
     start, seen, t_last = time.time(), 0, time.time()
@@ -243,7 +239,7 @@ def train(args) -> Path:
                 if stream:
                     stream.close()
                 # The data stream is seeded by (seed, step): a resumed run is reproducible too.
-                stream = tdata.CropStream(args.seed * 100003 + step, spec, (phase[0],) * 2, phase[1], data_dir)
+                stream = tdata.CropStream(args.seed * 100003 + step, spec, (phase[0],) * 2, phase[1], splits["train"])
                 stream_phase = phase
             x, y = stream.get()
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -263,7 +259,8 @@ def train(args) -> Path:
             step += 1
             seen += x.shape[0]
             losses.append(loss.item())
-            if step % args.log_every == 0 or step == args.steps:
+            validate = step % args.val_every == 0 or step == args.steps
+            if step % args.log_every == 0 or validate:
                 now = time.time()
                 rate = seen / (now - t_last)
                 elapsed = now - start
@@ -272,12 +269,12 @@ def train(args) -> Path:
                     "lr": _lr(step - 1, args), "crops_per_s": round(rate, 1), "elapsed_s": round(elapsed),
                 }
                 losses, seen, t_last = [], 0, now
-                if step % args.val_every == 0 or step == args.steps:
+                if validate:
                     line["val_dice"] = dice_scores(ema.model, vx, vy, device)
                     if line["val_dice"] > best:
                         best = line["val_dice"]
-                        torch.save({"ema": ema.model.state_dict(), "step": step, "val_dice": best,
-                                    "args": vars(args)}, best_path)
+                        _save_atomic(torch, {"ema": ema.model.state_dict(), "step": step, "val_dice": best,
+                                             "args": saved_args(args)}, best_path)
                     save(last_path)
                 history.append(line)
                 log.write(json.dumps(line) + "\n")
@@ -294,6 +291,36 @@ def train(args) -> Path:
         log.close()
     save(last_path)
     return best_path
+
+
+def saved_args(args) -> dict:
+    """The run's settings as plain values: no function objects, so a checkpoint does not depend
+    on the names of this module's functions."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _save_atomic(torch, state: dict, path: Path) -> None:
+    """A checkpoint is either the old one or the new one, never half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def training_cases(args) -> dict:
+    """The run's cases by split (train, validation, test), from --data and --val-data."""
+    from .data import split_cases
+    from .datasets import default_manifest, find_cases
+
+    root = args.data_root or None
+    cases = find_cases(args.data or [default_manifest()], "train", root)
+    if args.val_data:
+        cases += find_cases(args.val_data, "validation", root)
+    splits = split_cases(cases)
+    if not splits["train"]:
+        raise InputError("no training cases: give --data with cases in the train split")
+    if not splits["validation"]:
+        raise InputError("no validation cases: give --val-data, or mark cases 'split: validation' in a manifest")
+    return splits
 
 
 def card_extra(args, best_state) -> dict:
@@ -317,23 +344,31 @@ def card_extra(args, best_state) -> dict:
             **({"teacher": str(args.teacher)} if args.teacher else {}),
             "ema_decay": args.ema,
         },
-        "data": training_data_note(),
+        "data": training_data_note(training_cases(args)),
     }
 
 
-def training_data_note() -> dict:
-    """Sources, attribution and the held-out split, for the model card."""
-    from .data import ATTRIBUTION, VAL_AAL, VAL_CT_ORGANS, VAL_VERTEBRAE
-    from .evaluate import TEST_SCAN
+def training_data_note(splits: dict) -> dict:
+    """Every case of every split with its patient, source and licence, for the model card."""
+    from .data import MARGIN_RANGE
+
+    def describe(case):
+        entry = {"case": case.name, "patient": case.patient}
+        if case.licence:
+            entry["licence"] = case.licence
+        if case.source:
+            entry["source"] = case.source
+        return entry
 
     return {
-        "sources": [ATTRIBUTION["colin27"], ATTRIBUTION["totalseg"] + " (example_ct_sm, example_ct)"],
         "images": "the real scans (jittered windows), synthetic contrasts drawn from their label maps "
         "(SynthSeg-style: random intensity per label, bias field, noise, blur, gamma, deformation), "
-        "real scans with remapped intensities, and synthetic lesions painted into all three",
-        "validation": f"held-out structures of the training scans, for checkpoint choice: AAL {list(VAL_AAL)}, "
-        f"CT organs {list(VAL_CT_ORGANS)}, vertebra {list(VAL_VERTEBRAE)}",
-        "test": f"{TEST_SCAN[0]} with its label map: never used in training or checkpoint choice",
+        "real scans with remapped intensities, and synthetic lesions painted into all three; "
+        f"crop margins drawn from {list(MARGIN_RANGE)}, boxes jittered",
+        "split": "by patient: no patient is in two splits",
+        "train": [describe(c) for c in splits["train"]],
+        "validation": [describe(c) for c in splits["validation"]],
+        "test": [describe(c) for c in splits.get("test", [])],
     }
 
 
@@ -343,7 +378,7 @@ def _training_args(args, state: dict) -> argparse.Namespace:
     `--export-only` may be called without repeating the training options: the model must be
     built, and its card written, from what the checkpoint was trained with.
     """
-    this_call = {"export", "name", "export_only", "out_dir", "data_dir", "threads", "cpu", "func"}
+    this_call = {"export", "name", "export_only", "out_dir", "data_root", "threads", "cpu", "func"}
     saved = {k: v for k, v in (state.get("args") or {}).items() if k not in this_call}
     return argparse.Namespace(**{**vars(args), **saved})
 
@@ -393,8 +428,6 @@ def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
 
 def add_train_parser(subparsers) -> None:
     """`sam2unet train`: train the box-steered model and export it."""
-    from .data import DATA_DIR
-
     p: argparse.ArgumentParser = subparsers.add_parser(
         "train",
         help="train the bundled box-steered model (or the plain U-Net comparison)",
@@ -403,7 +436,13 @@ def add_train_parser(subparsers) -> None:
     )
     p.add_argument("--arch", choices=("sam2unet", "unet"), default="sam2unet")
     p.add_argument("--config", default="compact", help="SAM2-UNet config (compact, compact_s, ...)")
-    p.add_argument("--data-dir", default=str(DATA_DIR), help="the shared/data folder")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="case folders, folders of them, MSD/nnU-Net datasets (dataset.json) or manifests "
+                   "(.yaml/.json with splits); default: the bundled model's manifest")
+    p.add_argument("--val-data", nargs="+", default=None, metavar="PATH",
+                   help="validation cases, in the same layouts (manifests keep their own splits)")
+    p.add_argument("--data-root", default=os.environ.get("SAM2UNET_DATA"),
+                   help="the folder a manifest's paths are relative to (default: $SAM2UNET_DATA)")
     p.add_argument("--out-dir", default="runs/compact", help="checkpoints and log.jsonl")
     p.add_argument("--export", default=None, help="write the best EMA model to this .onnx (+ card)")
     p.add_argument("--name", default=None, help="model name in the card (default: file stem)")
@@ -435,6 +474,11 @@ def add_train_parser(subparsers) -> None:
 
 
 def run_train(args) -> int:
+    if args.arch == "sam2unet":
+        from ..modeling.configs import CONFIGS
+
+        if args.config not in CONFIGS:
+            raise InputError(f"unknown --config {args.config!r}; use one of {', '.join(CONFIGS)}")
     for what, value in (("--size", args.size),):
         if value % 32:
             raise InputError(f"{what} must be a multiple of 32, got {value}")

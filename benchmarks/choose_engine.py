@@ -1,0 +1,71 @@
+"""Engine choices on the VALIDATION split only: threshold, crop margin, smallest crop, box regions.
+
+    SAM2UNET_DATA=../shared/data python benchmarks/choose_engine.py [--model NAME] [--only NAME]
+
+Every variant runs `sam2unet eval`'s code on the bundled manifest's validation patients (never
+the test split). Prints one line per variant: mean 3D Dice per protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from napari_sam2unet import postprocess, preprocess
+from napari_sam2unet.training.datasets import default_manifest, find_cases
+from napari_sam2unet.training.evaluate import PROTOCOLS, evaluate
+
+
+def variants():
+    """(name, settings): each changes one engine choice from today's defaults."""
+    yield "defaults", {}
+    for threshold in (0.3, 0.4, 0.6):
+        yield f"threshold {threshold}", {"threshold": threshold}
+    for margin in (0.0, 0.05, 0.3, 0.5):
+        yield f"margin {margin}", {"margin": margin}
+    for pixels in (12, 16):
+        yield f"min crop {pixels} px", {"min_crop": pixels}
+    for rule in ("all", "largest"):
+        yield f"box regions {rule}", {"regions": rule}
+
+
+def run(model, settings, cases, protocols):
+    saved = preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS
+    preprocess.MIN_CROP_PIXELS = settings.get("min_crop", saved[0])
+    postprocess.BOX_REGIONS = settings.get("regions", saved[1])
+    try:
+        return evaluate(cases, [model], margin=settings.get("margin"), threshold=settings.get("threshold"),
+                        protocols=protocols, baseline=False, threads=2)
+    finally:
+        preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--only", action="append", default=None, help="run only variants whose name starts so")
+    parser.add_argument("--protocol", action="append", choices=PROTOCOLS, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    cases = [c for c in find_cases([default_manifest()], "validation") if c.split == "validation"]
+    protocols = tuple(args.protocol or PROTOCOLS)
+    out = {}
+    for name, settings in variants():
+        if args.only and not any(name.startswith(o) for o in args.only):
+            continue
+        began = time.perf_counter()
+        report = run(args.model, settings, cases, protocols)
+        (method,) = report["summary"]
+        means = {p: report["summary"][method][p]["mean"] for p in protocols}
+        out[name] = means
+        cells = "  ".join(f"{p} {v:.3f}" for p, v in means.items())
+        print(f"{name:22s} {cells}  ({len(report['cases'])} structures, {time.perf_counter() - began:.0f} s)",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
