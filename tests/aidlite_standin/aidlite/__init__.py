@@ -16,9 +16,11 @@ where our backend could go wrong:
 * both spellings of two methods, chosen by `reset()`: build_interpretper_/build_interpreter_
   from_model_and_config and destory()/destroy().
 
-A "context binary" here is a small JSON file written by `write_bin()`: it names the ONNX model
-(relative to the .bin) that onnxruntime runs behind the API, plus the layout and quantisation
-the converter would have baked in. Calls are recorded in `CALLS`; `reset(fail={step: code})`
+A "context binary" here is either a small JSON file written by `write_bin()`, naming the ONNX
+model that onnxruntime runs behind the API plus the layout and quantisation a converter would
+have baked in; or a real QNN context binary, which invoke() hands to a session of Qualcomm's
+HTP emulator (onnxruntime-qnn) running that same .bin: then the numerics are Qualcomm's, and
+the codes in and out are the binary's own. Calls are recorded in `CALLS`; `reset(fail={step: code})`
 makes a step fail (steps: create_model, build, init, load_model, set_input_tensor, invoke).
 Enum values are arbitrary here: code must use the names, never the numbers.
 """
@@ -60,6 +62,7 @@ class FrameworkType(enum.IntEnum):
     TYPE_QNN231 = 105
     TYPE_QNN236 = 107
     TYPE_QNN240 = 109
+    TYPE_QNN251 = 111
 
 
 class AccelerateType(enum.IntEnum):
@@ -268,9 +271,15 @@ class Interpreter:
         if _failing("load_model"):
             return _failing("load_model")
         try:
-            spec = json.loads(Path(self._model.path).read_text())
+            raw = Path(self._model.path).read_bytes()
+        except OSError:
+            return -5
+        if not raw.startswith(b"{"):
+            return self._load_qnn_binary(raw)
+        try:
+            spec = json.loads(raw.decode())
             assert spec.get("aidlite_standin") == 1
-        except (OSError, ValueError, AssertionError, UnicodeDecodeError):
+        except (ValueError, AssertionError, UnicodeDecodeError):
             return -5  # not a context binary
         if FrameworkType(self._config.framework_type).name != spec["framework"]:
             return -6  # built with another QNN version
@@ -300,6 +309,48 @@ class Interpreter:
         self._loaded = True
         return 0
 
+    def _load_qnn_binary(self, raw: bytes) -> int:
+        """A real QNN context binary: an emulator session of it, with the tensors the properties give."""
+        import re
+
+        import onnxruntime as ort
+        import onnxruntime_qnn
+        from onnx import helper
+
+        graph = re.search(rb"QNNExecutionProvider_[A-Za-z0-9_]+", raw)
+        built_for = re.search(rb"soc_type=([A-Za-z0-9]+);arch=(\d+)", raw)
+        if graph is None or built_for is None:
+            return -5  # not a context binary
+        soc = _STATE.get("soc")
+        if soc and soc.lower() != built_for.group(1).decode().lower():
+            return -7  # built for another SoC
+        (in_shape,), in_type, (out_shape,), out_type = self._model.properties
+        onnx_type = {"UINT8": 2, "INT8": 3, "UINT16": 4, "INT16": 5, "FLOAT32": 1}
+        node = helper.make_node("EPContext", ["x"], ["y"], domain="com.microsoft", source="QNNExecutionProvider",
+                                partition_name=graph.group(0).decode(), embed_mode=0, main_context=1,
+                                ep_cache_context=Path(self._model.path).name)
+        x = helper.make_tensor_value_info("x", onnx_type[in_type.name[5:]], in_shape)
+        y = helper.make_tensor_value_info("y", onnx_type[out_type.name[5:]], out_shape)
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(helper.make_graph([node], "device", [x], [y]), opset_imports=opsets)
+        model.ir_version = 10
+        if not [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]:
+            ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("ep.context_file_path", str(Path(self._model.path).with_name("device.onnx")))
+        device = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+        options.add_provider_for_devices(device, {"backend_type": "htp", "htp_arch": built_for.group(2).decode()})
+        try:
+            self._session = ort.InferenceSession(model.SerializeToString(), options)
+        except Exception:  # QNN refused the binary: a device reports a code, never a message
+            return -11
+        dtypes = {"input": in_type.name[5:].lower(), "output": out_type.name[5:].lower()}
+        self._bin = {"qnn": True, **{k: {"dtype": v} for k, v in dtypes.items()}}
+        self._in_shape, self._out_shape = in_shape, out_shape
+        self._loaded = True
+        return 0
+
     def set_input_tensor(self, in_tensor_idx: int = 0, input_data: Any = None) -> int:
         array = np.asarray(input_data)
         CALLS.append(("set_input_tensor", in_tensor_idx, str(array.dtype), tuple(array.shape)))
@@ -322,6 +373,11 @@ class Interpreter:
             return -1
         if _failing("invoke"):
             return _failing("invoke")
+        if self._bin.get("qnn"):  # the binary's own codes in and out, as on the device
+            codes = self._input.reshape(self._in_shape)
+            (out,) = self._session.run(None, {"x": codes})
+            self._output = np.ascontiguousarray(out).reshape(-1)
+            return 0
         quant = self._bin["input"]
         values = self._input.astype(np.float32)
         if quant["dtype"] != "float32":
