@@ -1,8 +1,11 @@
 """The `sam2unet` command on real scans: the output's geometry, the messages for bad input."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -119,3 +122,134 @@ def test_the_inputs_bids_json_is_kept_and_the_run_stops_before_the_work(mr, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-01_T2w.json", "sub-01_T2w.nii.gz"]
     assert main([*args, "--no-sidecar", "-q"]) == 0
     assert bids.read_text() == '{"EchoTime": 0.08}'
+
+
+# --- issue 13, defects 7, 8, 10, 11: every bad input gets one line, before the work ----------
+
+
+def _model(card):
+    return ["--model", str(card.card_path), "-q"]
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--box", "10:nan,21,43,71"], "--box 10:nan,21,43,71: corners must be numbers"),
+    (["--point", "10:inf,3"], "--point 10:inf,3: coordinates must be numbers"),
+    (["--threads", "10000"], "--threads 10000 is out of range; use 1 to"),
+    (["--threads", "-2"], "--threads -2 is out of range"),
+    (["--window", "5:1"], "--window 5:1: LOW must be below HIGH, e.g. --window 1:5"),
+    (["--window", "nan:inf"], "--window nan:inf: LOW and HIGH must be finite numbers"),
+])
+def test_bad_options_get_one_line_naming_the_option(mr, tmp_path, capsys, brightness_card, option, words):
+    error = _fails(capsys, ["segment", str(mr), "-o", str(tmp_path / "o.nii.gz"), *option,
+                            *_model(brightness_card)], words)
+    assert error.count("\n") == 1 and "model" not in error.split(words)[0]
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_an_unwritable_folder_is_refused_before_the_work(mr, capsys, brightness_card):
+    if not Path("/sys").is_dir():
+        pytest.skip("needs Linux's /sys, a folder that even root cannot create files in")
+    _fails(capsys, ["segment", str(mr), "-o", "/sys/seg.nii.gz", *_model(brightness_card)],
+           "cannot write in /sys: permission denied; choose another --out folder")
+
+
+def test_a_long_legal_name_is_written(mr, tmp_path, brightness_card):
+    """A 250-character name is legal; the temporary file's name must not make it too long."""
+    out = tmp_path / ("s" * 243 + ".nii.gz")
+    assert main(["segment", str(mr), "-o", str(out), "--box", "10:40,30,60,50", *_model(brightness_card)]) == 0
+    assert out.is_file() and (tmp_path / ("s" * 243 + ".json")).is_file()
+
+
+def test_names_and_paths_over_the_system_limits_get_one_line(mr, tmp_path, capsys, brightness_card):
+    _fails(capsys, ["segment", str(mr), "-o", str(tmp_path / ("s" * 300 + ".nii.gz")), *_model(brightness_card)],
+           "over this file system's limit of 255")
+    deep = tmp_path / "/".join(["d" * 200] * 25) / "seg.nii.gz"
+    _fails(capsys, ["segment", str(mr), "-o", str(deep), *_model(brightness_card)], "over this system's limit")
+
+
+def test_a_folder_as_output_or_input_is_named_a_folder(mr, tmp_path, capsys, brightness_card):
+    (tmp_path / "seg.nii.gz").mkdir()
+    _fails(capsys, ["segment", str(mr), "-o", str(tmp_path / "seg.nii.gz"), "--overwrite", *_model(brightness_card)],
+           "is a folder; give a file name ending in .nii.gz")
+    (tmp_path / "dicom").mkdir()
+    _fails(capsys, ["segment", str(tmp_path / "dicom"), "-o", str(tmp_path / "o.nii.gz"), *_model(brightness_card)],
+           "is a folder, not an image")
+
+
+_CLI = [sys.executable, "-c", "import sys; from napari_sam2unet.cli import main; sys.exit(main())"]
+
+
+def test_a_full_disk_while_writing_gets_one_line_and_leaves_nothing(mr, tmp_path, brightness_card):
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    out = tmp_path / "out" / "seg.nii"
+    out.parent.mkdir()
+    run = subprocess.run([*_CLI, "segment", str(mr), "-o", str(out), *_model(brightness_card)],
+                         capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert run.returncode == 2, run.stderr
+    assert "cannot write seg.nii: file too large; nothing was written" in run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+    assert list(out.parent.iterdir()) == []
+
+
+_TERM_DURING_WRITE = """
+import os, signal, sys
+import nibabel as nib
+from napari_sam2unet import cli, io
+
+def save_then_get_terminated(image, filename):
+    with open(filename, "wb") as handle:
+        handle.write(b"half a label map")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+io.nib.save = save_then_get_terminated
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_write_leaves_no_partial_file(mr, tmp_path, brightness_card):
+    out = tmp_path / "out" / "seg.nii.gz"
+    out.parent.mkdir()
+    run = subprocess.run([sys.executable, "-c", _TERM_DURING_WRITE, "segment", str(mr), "-o", str(out),
+                          *_model(brightness_card)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 143, run.stderr
+    assert "terminated; nothing was written" in run.stderr
+    assert list(out.parent.iterdir()) == []  # not even a hidden temporary file
+
+
+def test_a_cpu_run_says_why_in_a_few_words(mr, tmp_path, brightness_card):
+    import yaml
+
+    data = {**brightness_card.raw, "npu": [{"file": "brightness.bin", "soc": "QCS6490"}]}
+    brightness_card.card_path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([*_CLI, "segment", str(mr), "-o", str(tmp_path / "seg.nii.gz"), "--box", "10:40,30,60,50",
+                          "--model", str(brightness_card.card_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    line = next(text for text in run.stderr.splitlines() if text.startswith("model brightness"))
+    assert "`sam2unet info` says why" in line and len(line) < 120 and "aid-pkg" not in run.stderr
+
+
+def test_outputs_follow_the_umask_and_the_sidecar_is_strict_json(mr, tmp_path, brightness_card):
+    old = os.umask(0o022)
+    try:
+        assert main(["segment", str(mr), "-o", str(tmp_path / "seg.nii.gz"), "--box", "10:40,30,60,50",
+                     *_model(brightness_card)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "seg.nii.gz").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "seg.json").stat().st_mode) == 0o644
+
+
+def test_a_bad_card_in_the_models_folder_is_skipped_with_one_warning(capsys, brightness_card, monkeypatch):
+    (brightness_card.file.parent / "broken.yaml").write_text("file: x.onnx\ninput: oops\n")
+    monkeypatch.setenv("SAM2UNET_MODELS", str(brightness_card.file.parent))
+    assert main(["models"]) == 0
+    captured = capsys.readouterr()
+    assert "brightness" in captured.out and "sam2unet-compact" in captured.out
+    assert captured.err.startswith("sam2unet: warning: skipped: model card") and "broken.yaml" in captured.err
+    assert captured.err.count("\n") == 1

@@ -108,6 +108,7 @@ class Engine:
         replace_nonfinite: bool = False,
     ) -> None:
         """Choose the volume, its voxel sizes, the slice axis and the intensity window (once per volume)."""
+        _check_spacing(spacing)
         data = np.asarray(data)
         if data.ndim != 3:
             raise InputError(f"the engine segments 3D volumes; this array has shape {data.shape}")
@@ -357,6 +358,14 @@ class Engine:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+def _check_spacing(spacing) -> None:
+    """Voxel sizes in mm: NaN, zero or negative ones would end in a KeyError, a division by zero or bad crops."""
+    sizes = tuple(float(s) for s in spacing)
+    if len(sizes) != 3 or not all(np.isfinite(s) and s > 0 for s in sizes):
+        raise InputError(f"voxel spacing {'x'.join(f'{s:g}' for s in sizes)} must be three positive sizes in mm; "
+                         f"check the image header's voxel sizes (pixdim)")
 
 
 def _finite(data: np.ndarray, replace: bool) -> tuple[np.ndarray, int]:

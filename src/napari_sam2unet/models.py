@@ -7,8 +7,11 @@ the engine and backends read it and never repeat those facts.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from dataclasses import dataclass, field
+import re
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +121,49 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _tuple(value: Any, length: int, what: str, path: Path) -> tuple:
+class ModelCardWarning(UserWarning):
+    """A model card that was skipped (discovery goes on without it)."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NPU_FIELDS = {f.name for f in fields(NpuBinary)}
+
+
+def _number(value: Any, what: str, path: Path, low: float | None = None, high: float | None = None,
+            inclusive: bool = False) -> float:
+    """A finite number, optionally inside (low, high) or [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelError(f"model card {path}: '{what}' is {value!r}; it must be a number")
+    inside = ((low is None or (value >= low if inclusive else value > low))
+              and (high is None or (value <= high if inclusive else value < high)))
+    if not inside:
+        if high is None:
+            span = f"{'>=' if inclusive else '>'} {low:g}"
+        else:
+            span = f"[{low:g}, {high:g}]" if inclusive else f"({low:g}, {high:g})"
+        raise ModelError(f"model card {path}: '{what}' is {value!r}; it must be {span}")
+    return float(value)
+
+
+def _tuple(value: Any, length: int, what: str, path: Path, positive: bool = False) -> tuple:
     if not isinstance(value, (list, tuple)) or len(value) != length:
         raise ModelError(f"model card {path}: '{what}' must be a list of {length} numbers")
-    return tuple(value)
+    return tuple(_number(v, what, path, 0 if positive else None) for v in value)
+
+
+def _shape(value: Any, what: str, path: Path, channels: int, layout: str) -> tuple[int, int, int, int]:
+    """N x C x H x W (or N x H x W x C): whole numbers, the batch may be -1 or 0 (dynamic)."""
+    shape = _tuple(value, 4, what, path)
+    if not all(float(d).is_integer() for d in shape):
+        raise ModelError(f"model card {path}: '{what}' is {list(value)}; dimensions must be whole numbers")
+    shape = tuple(int(d) for d in shape)
+    rest = shape[1:]
+    c, h, w = (rest[2], rest[0], rest[1]) if layout == "nhwc" else rest
+    if shape[0] < -1 or h < 1 or w < 1 or c != channels:
+        expected = f"NxHxWx{channels}" if layout == "nhwc" else f"Nx{channels}xHxW"
+        raise ModelError(f"model card {path}: '{what}' is {list(shape)}; expected {expected} with H, W >= 1 "
+                         f"(batch -1 for dynamic)")
+    return shape
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str, path: Path) -> str:
@@ -130,48 +172,93 @@ def _choice(value: str, allowed: tuple[str, ...], what: str, path: Path) -> str:
     return value
 
 
+def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelError(f"model card {path}: '{what}' is {value!r}; it must be a mapping of fields (key: value)")
+    return value
+
+
+def _sha256(value: Any, what: str, path: Path) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value.lower()):
+        raise ModelError(f"model card {path}: '{what}' is {value!r}; it must be 64 hex digits "
+                         f"(sha256sum of the file), or leave it out")
+    return value.lower()
+
+
+def _input_spec(spec: dict[str, Any], path: Path) -> InputSpec:
+    defaults = InputSpec()
+    layout = _choice(spec.get("layout", defaults.layout), LAYOUTS, "input.layout", path)
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ModelError(f"model card {path}: 'input.name' is {name!r}; it must be the ONNX input's name")
+    return InputSpec(
+        shape=_shape(spec.get("shape", defaults.shape), "input.shape", path, 3, layout),
+        layout=layout,
+        scale=_number(spec.get("scale", defaults.scale), "input.scale", path, 0),
+        mean=_tuple(spec.get("mean", defaults.mean), 3, "input.mean", path),
+        std=_tuple(spec.get("std", defaults.std), 3, "input.std", path, positive=True),
+        channels=_choice(spec.get("channels", defaults.channels), CHANNEL_MODES, "input.channels", path),
+        crop=_choice(spec.get("crop", defaults.crop), CROP_MODES, "input.crop", path),
+        margin=_number(spec.get("margin", defaults.margin), "input.margin", path, 0, 10, inclusive=True),
+        name=name,
+    )
+
+
+def _npu_binary(entry: Any, base: Path, path: Path) -> NpuBinary:
+    entry = _mapping(entry, "npu entry", path)
+    if not isinstance(entry.get("file"), str):
+        raise ModelError(f"model card {path}: an npu entry has no 'file' naming its QNN context binary (.bin)")
+    unknown = sorted(set(entry) - _NPU_FIELDS)
+    if unknown:
+        raise ModelError(f"model card {path}: npu entry {entry['file']} has unknown fields {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_NPU_FIELDS))}")
+    for key in ("input_scale", "input_offset", "output_scale", "output_offset"):
+        if key in entry:
+            _number(entry[key], f"npu.{key}", path)
+    sha = _sha256(entry.get("sha256"), "npu.sha256", path)
+    return NpuBinary(**{**entry, "file": base / entry["file"], "sha256": sha})
+
+
 def card_from_dict(data: dict[str, Any], card_path: Path) -> ModelCard:
-    """Build a ModelCard from parsed YAML; file paths are relative to the card."""
-    if not isinstance(data, dict) or "file" not in data:
+    """Build a ModelCard from parsed YAML; file paths are relative to the card. Every field is checked."""
+    if not isinstance(data, dict) or not isinstance(data.get("file"), str):
         raise ModelError(f"model card {card_path} has no 'file' entry naming the .onnx model")
     base = card_path.parent
-    spec = data.get("input", {}) or {}
-    defaults = InputSpec()
-    input_spec = InputSpec(
-        shape=_tuple(spec.get("shape", defaults.shape), 4, "input.shape", card_path),
-        layout=_choice(spec.get("layout", defaults.layout), LAYOUTS, "input.layout", card_path),
-        scale=float(spec.get("scale", defaults.scale)),
-        mean=_tuple(spec.get("mean", defaults.mean), 3, "input.mean", card_path),
-        std=_tuple(spec.get("std", defaults.std), 3, "input.std", card_path),
-        channels=_choice(
-            spec.get("channels", defaults.channels), CHANNEL_MODES, "input.channels", card_path
-        ),
-        crop=_choice(spec.get("crop", defaults.crop), CROP_MODES, "input.crop", card_path),
-        margin=float(spec.get("margin", defaults.margin)),
-        name=spec.get("name"),
-    )
-    output = data.get("output", {}) or {}
-    npu = [
-        NpuBinary(**{**entry, "file": base / entry["file"]})
-        for entry in data.get("npu", []) or []
-    ]
+    input_spec = _input_spec(_mapping(data.get("input"), "input", card_path), card_path)
+    output = _mapping(data.get("output"), "output", card_path)
+    npu = data.get("npu") or []
+    if not isinstance(npu, list):
+        raise ModelError(f"model card {card_path}: 'npu' must be a list of binaries (- file: model.bin ...)")
+    flip = data.get("flip_average", False)
+    if not isinstance(flip, bool):
+        raise ModelError(f"model card {card_path}: 'flip_average' is {flip!r}; use true or false")
     return ModelCard(
         name=str(data.get("name", card_path.stem)),
         file=base / data["file"],
         input=input_spec,
-        output_shape=_tuple(output.get("shape", (1, 1, 352, 352)), 4, "output.shape", card_path),
-        threshold=float(data.get("threshold", 0.5)),
-        flip_average=bool(data.get("flip_average", False)),
-        sha256=data.get("sha256"),
+        output_shape=_shape(output.get("shape", (1, 1, 352, 352)), "output.shape", card_path, 1, "nchw"),
+        threshold=_number(data.get("threshold", 0.5), "threshold", card_path, 0, 1),
+        flip_average=flip,
+        sha256=_sha256(data.get("sha256"), "sha256", card_path),
         card_path=card_path,
-        npu=npu,
+        npu=[_npu_binary(entry, base, card_path) for entry in npu],
         raw=data,
     )
+
+
+_CARD_SUFFIXES = (".yaml", ".yml")
 
 
 def load_card(path: str | os.PathLike) -> ModelCard:
     """Read a model card (.yaml), or make the official-defaults card for a bare .onnx."""
     path = Path(path)
+    if path.suffix.lower() not in (".onnx", *_CARD_SUFFIXES):
+        raise ModelError(f"{path.name} is not a model: give a .onnx file, its .yaml card, or a model name "
+                         f"(`sam2unet models` lists them)")
     if path.suffix == ".onnx":
         card_path = path.with_suffix(".yaml")
         if not card_path.is_file():
@@ -185,8 +272,14 @@ def load_card(path: str | os.PathLike) -> ModelCard:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ModelError(f"model card {path} is not valid YAML: {error}") from None
+        raise ModelError(f"model card {path} is not valid YAML: {_one_line(error)}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelError(f"cannot read model card {path}: {_one_line(error)}") from None
     return card_from_dict(data, path)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def write_card(data: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -223,7 +316,8 @@ def list_models() -> list[ModelCard]:
         for card_path in sorted(folder.glob("*.yaml")):
             try:
                 card = load_card(card_path)
-            except ModelError:
+            except ModelError as error:  # one bad card must not hide the others
+                warnings.warn(f"skipped: {error}", ModelCardWarning, stacklevel=2)
                 continue
             cards.setdefault(card.name, card)
     return list(cards.values())
@@ -236,9 +330,10 @@ def find_model(name_or_path: str | os.PathLike | None = None, verify: bool = Tru
     if as_path.suffix in (".onnx", ".yaml", ".yml") or as_path.exists():
         card = load_card(as_path)
     else:
-        matches = [card for card in list_models() if card.name == str(target)]
+        cards = list_models()
+        matches = [card for card in cards if card.name == str(target)]
         if not matches:
-            known = ", ".join(card.name for card in list_models()) or "none"
+            known = ", ".join(card.name for card in cards) or "none"
             where = ", ".join(str(d) for d in search_dirs())
             raise ModelError(
                 f"no model named {target!r} (known: {known}; searched {where}); "

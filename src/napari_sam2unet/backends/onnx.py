@@ -8,7 +8,9 @@ import numpy as np
 
 from ..errors import BackendError, ModelError
 from ..models import ModelCard
-from .base import Backend
+from .base import MAX_DYNAMIC_BATCH, Backend
+
+THREADS_ENV = "SAM2UNET_THREADS"
 
 
 def _dim_matches(actual, expected: int) -> bool:
@@ -26,7 +28,7 @@ class OnnxBackend(Backend):
         except ImportError as error:  # a dependency, but say so plainly if it is broken
             raise BackendError(f"onnxruntime cannot be imported ({error}); pip install onnxruntime") from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("SAM2UNET_THREADS", 0)) or (os.cpu_count() or 1)
+        options.intra_op_num_threads = cpu_threads(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.providers = providers or ["CPUExecutionProvider"]
@@ -44,7 +46,18 @@ class OnnxBackend(Backend):
     def _check_contract(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         spec = self.card.input
-        model_input = next((i for i in inputs if i.name == spec.name), inputs[0]) if spec.name else inputs[0]
+        name = self.card.file.name
+        if len(inputs) != 1:
+            raise ModelError(f"model {name} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                             f"a SAM2-UNet model takes one image: re-export it with only the image input")
+        model_input = inputs[0]
+        if spec.name and model_input.name != spec.name:
+            raise ModelError(f"model {name}'s input is called {model_input.name!r} but its card says "
+                             f"{spec.name!r}; fix input.name in the card")
+        for what, tensor in (("input", model_input), ("output", outputs[0])):
+            if tensor.type != "tensor(float)":
+                raise ModelError(f"model {name}'s {what} is {tensor.type}, not float32; re-export it with "
+                                 f"float32 {what}s (quantised models belong on the NPU)")
         self.input_name = model_input.name
         self.output_name = outputs[0].name
         shape = list(model_input.shape)
@@ -66,28 +79,66 @@ class OnnxBackend(Backend):
 
     @property
     def max_batch(self) -> int:
-        return self._fixed_batch or 8
+        return self._fixed_batch or MAX_DYNAMIC_BATCH
 
     @property
     def device(self) -> str:
         return self._device
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.card.input.layout == "nhwc":
-            batch = np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
-        if self._fixed_batch and batch.shape[0] != self._fixed_batch:
-            parts = [self._run(batch[i : i + 1]) for i in range(batch.shape[0])]
-            return np.concatenate(parts, axis=0)
-        return self._run(batch)
+        """Logits for any number of slices, run max_batch at a time: onnxruntime's memory grows
+        with the batch (about 4 MB a slice), so 1000 boxes must not go in one call."""
+        count = batch.shape[0]
+        logits = np.empty((count, 1, *self.card.input.size), dtype=np.float32)
+        step = self.max_batch
+        for start in range(0, count, step):
+            logits[start : start + step] = self._run(batch[start : start + step])
+        return logits
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        count = chunk.shape[0]
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        if self._fixed_batch and count < self._fixed_batch:  # a fixed-batch model: pad the last chunk
+            padding = np.zeros((self._fixed_batch - count, *chunk.shape[1:]), dtype=np.float32)
+            chunk = np.concatenate([chunk, padding])
+        if self.card.input.layout == "nhwc":
+            chunk = np.ascontiguousarray(chunk.transpose(0, 2, 3, 1))
+        try:
+            (logits,) = self.session.run([self.output_name], {self.input_name: chunk})
+        except Exception as error:  # onnxruntime's own error types
+            raise BackendError(f"model {self.card.file.name} failed on the CPU ({_first_line(error)}); "
+                               f"check that it matches its card, or re-export it") from None
+        expected = chunk.shape[0] * int(np.prod(self.card.input.size))
+        if logits.size != expected:
+            height, width = self.card.input.size
+            raise ModelError(f"model {self.card.file.name} returned {_fmt(logits.shape)} for {chunk.shape[0]} "
+                             f"slices, not {height}x{width} logits each as its card says; fix output.shape or "
+                             f"re-export it")
         # 1 channel: NCHW and NHWC outputs share one memory order.
-        return logits.reshape(batch.shape[0], 1, *self.card.input.size)
+        return logits.reshape(chunk.shape[0], 1, *self.card.input.size)[:count]
 
     def close(self) -> None:
         self.session = None
+
+
+def cpu_threads(threads: int | None = None) -> int:
+    """Threads for onnxruntime: the argument, else $SAM2UNET_THREADS, else all cores; at most the cores."""
+    cores = os.cpu_count() or 1
+    if threads is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        try:
+            threads = int(text) if text else cores
+        except ValueError:
+            raise BackendError(f"{THREADS_ENV}={text!r} is not a number; set it to 1 to {cores}") from None
+    if not 1 <= threads <= cores:
+        raise BackendError(f"{threads} CPU threads asked for; use 1 to {cores} (this machine has {cores} cores): "
+                           f"more only makes onnxruntime threads fight for the cores")
+    return threads
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _fmt(shape) -> str:
