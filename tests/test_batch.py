@@ -75,15 +75,17 @@ def test_cohort_matches_segment_reports_bad_cases_and_a_rerun_skips_the_finished
         {"case": "brain", "image": str(brain), "prompts": str(replayed.with_suffix("").with_suffix(".json"))},
         {"case": "corrupt", "image": str(corrupt), "box": "10:20,20,60,60"},
         {"case": "bad_prompt", "image": str(mr), "box": "99:20,20,60,60"},
+        {"case": "nan_prompt", "image": str(mr), "point": "3:nan,4"},
     ])
     out = tmp_path / "out"
     command = ["batch", str(manifest), "--out-dir", str(out), "--model", model, "--workers", "2", "-q"]
 
     assert main(command) == 1  # some cases failed
     report = _report(out)
-    assert [r["status"] for r in report.values()] == ["segmented", "segmented", "failed", "failed"]
+    assert [r["status"] for r in report.values()] == ["segmented", "segmented", "failed", "failed", "failed"]
     assert "truncated" in report["corrupt"]["reason"]
     assert "slices 0 to 19" in report["bad_prompt"]["reason"]
+    assert "not nan or inf" in report["nan_prompt"]["reason"]
     assert not list(out.glob("corrupt*")) and not list(out.glob("bad_prompt*"))
 
     # The same prompts through `sam2unet segment` give the same label maps, voxel for voxel.

@@ -152,11 +152,12 @@ def _segment_case(spec: CaseSpec, job: Job) -> CaseResult:
     engine.set_volume(volume.data, volume.spacing, settings.axis, settings.window, settings.replace_nonfinite)
     result = engine.segment(case.prompts, settings.scope, settings.threshold)
     labels = result.labels(settings.label)
-    dice = _dice(labels > 0, case)
+    mask = labels > 0
+    dice = _dice(mask, case)
     record = run_record(spec.image, label=settings.label, axis=settings.axis, scope=settings.scope,
                         window=settings.window, card=card, backend=backend, why=why, engine=engine,
                         result=result, prompts=case.prompts)
-    voxels = int(result.mask.sum())
+    voxels = int(mask.sum())
     record["batch"] = {"case": spec.case, "key": key, "input_sha256": input_sha256, "name": settings.name,
                        "voxels": voxels, "reference": spec.values.get("reference"), "dice": dice}
     write_labels(out, labels, volume, record, overwrite=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,11 +177,18 @@ def resolve_case(spec: CaseSpec) -> ResolvedCase:
     if spec.path("prompts"):
         settings, prompts = _from_prompts_file(spec.path("prompts"), values.get("label"))
     settings = replace(settings, **_row_settings(values))
-    prompts = Prompts(prompts.boxes + [parse_box(b) for b in values.get("box", [])],
-                      prompts.points + [parse_point(p) for p in values.get("point", [])])
+    prompts = Prompts(prompts.boxes + [_finite(parse_box(b), b) for b in values.get("box", [])],
+                      prompts.points + [_finite(parse_point(p), p) for p in values.get("point", [])])
     if spec.path("boxes_from"):
         prompts.boxes.extend(boxes_from_labels(spec.path("boxes_from"), settings.label, settings.axis))
     return ResolvedCase(spec, prompts, settings)
+
+
+def _finite(prompt: Box | Point, text: str) -> Box | Point:
+    numbers = prompt.rect if isinstance(prompt, Box) else (prompt.i, prompt.j)
+    if not all(math.isfinite(v) for v in numbers):
+        raise PromptError(f"prompt {text!r}: coordinates must be numbers (voxel indices), not nan or inf")
+    return prompt
 
 
 def _row_settings(values: dict[str, Any]) -> dict[str, Any]:
