@@ -139,7 +139,9 @@ class QnnBackend(Backend):
             return ort.InferenceSession(self._wrapper(), options)
         except Exception as error:  # onnxruntime raises its own types
             text = str(error).replace("\n", " ")
-            if "5000" in text or "newer" in text.lower():
+            # QNN 2.47 refused a 2.51 binary with CONTEXT_ERROR_INVALID_ARGUMENT (measured); 5000 is
+            # the code QNN documents for "newer context binary on old SDK".
+            if "5000" in text or "newer" in text.lower() or "INVALID_ARGUMENT" in text:
                 raise BackendError(
                     f"QNN refused {self.binary.file.name} as built by a newer QNN than this runtime's "
                     f"{runtime.runtime_version()}; upgrade onnxruntime-qnn or rebuild the binary with this one"

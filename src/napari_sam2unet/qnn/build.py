@@ -61,7 +61,6 @@ def _compile(model: Path, folder: Path, soc: runtime.Soc, precision: str) -> Pat
     context = folder / "context.onnx"
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "0")
     options.add_session_config_entry("ep.context_enable", "1")
     options.add_session_config_entry("ep.context_file_path", str(context))
     options.add_session_config_entry("ep.context_embed_mode", "0")
