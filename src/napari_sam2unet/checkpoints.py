@@ -143,12 +143,6 @@ def check_state_dict(state: Mapping[str, Any], config, source: str = "checkpoint
     raise ModelError(f"{source} does not fit SAM2-UNet config {config.name!r}: {'; '.join(parts)}; {hint}")
 
 
-def load_state_dict_strict(model, state: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Check names and shapes first (for a readable error), then load strictly."""
-    check_state_dict(state, model.config, source)
-    model.load_state_dict(state, strict=True)
-
-
 def load_sam2unet(checkpoint: str | os.PathLike | Mapping[str, Any], config="large"):
     """A Sam2Unet in eval mode with the weights of a SAM2-UNet checkpoint, loaded strictly.
 

@@ -50,15 +50,6 @@ class Sam2Unet(nn.Module):
         out = F.interpolate(self.head(y), size=size, mode="bilinear", align_corners=False)
         return out, out1, out2
 
-    def check_input_size(self, height: int, width: int) -> None:
-        """Refuse sizes the trunk cannot tile exactly."""
-        multiple = self.config.input_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"SAM2-UNet {self.config.name} needs input sides that are multiples of "
-                f"{multiple}; got {height}x{width} (resize to e.g. 352x352)"
-            )
-
 
 def to_work_size(x: torch.Tensor, work_size: int | None) -> torch.Tensor:
     """Resize an N x C x H x W batch to work_size (antialiased when shrinking); no-op when unset."""
