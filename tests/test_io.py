@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -258,3 +259,60 @@ def test_a_sidecar_path_that_is_a_folder_is_refused_before_anything_is_written(t
     with pytest.raises(InputError, match="is a folder"):
         write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"m": 1})
     assert _names(tmp_path) == ["img.nii.gz", "seg.json"]
+
+
+# --- defects 11, 12 and issue 12: words, modes, strict JSON, available memory -------------------
+
+
+def test_rgb_and_overflowing_images_are_named_for_what_they_are(tmp_path):
+    rgb = np.zeros((4, 4, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii"))
+    with pytest.raises(InputError, match="rgb.nii is a colour \\(RGB\\) image"):
+        read_volume(tmp_path / "rgb.nii")
+    huge = np.ones((4, 4, 3), np.float64)
+    huge[0, 0, 0] = 1e300
+    nib.save(nib.Nifti1Image(huge, np.eye(4)), str(tmp_path / "huge.nii"))
+    with pytest.raises(InputError, match="huge.nii has intensities up to 1e\\+300, beyond float32"):
+        read_volume(tmp_path / "huge.nii")
+
+
+def test_a_header_promising_more_voxels_than_the_gz_holds_names_the_file(tmp_path):
+    whole = nib.Nifti1Image(np.random.rand(40, 40, 40).astype(np.float32), np.eye(4)).to_bytes()
+    path = tmp_path / "lying.nii.gz"
+    path.write_bytes(gzip.compress(whole[: 352 + 40 * 40 * 20 * 4]))
+    with pytest.raises(InputError) as caught:
+        read_volume(path)
+    assert str(caught.value).startswith("lying.nii.gz is truncated: its header promises 256000 bytes")
+    assert "from )" not in str(caught.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_file_says_permission_not_incomplete(tmp_path):
+    path = write_nifti(tmp_path / "locked.nii.gz", np.random.rand(6, 5, 4).astype(np.float32))
+    path.chmod(0)
+    with pytest.raises(InputError, match="cannot read locked.nii.gz: permission denied"):
+        read_volume(path)
+
+
+def test_the_sidecar_is_strict_json(tmp_path):
+    volume = _small_volume(tmp_path)
+    write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume,
+                 sidecar={"seconds": float("inf"), "dice": np.float32("nan"), "box": [1.5, float("-inf")]})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads((tmp_path / "seg.json").read_text(), parse_constant=refuse)
+    assert record == {"seconds": None, "dice": None, "box": [1.5, None]}
+
+
+def test_the_memory_guard_reads_available_memory_not_free_memory(tmp_path, monkeypatch):
+    """Page cache is available memory: a machine that has read many files still opens a big CT."""
+    path = write_nifti(tmp_path / "ct.nii.gz", np.zeros((64, 64, 40), np.float32))  # 640 KiB as float32
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(io, "_MEMINFO", meminfo)
+    meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 1000 kB\nMemAvailable: 6000000 kB\n")
+    assert read_volume(path).data.shape == (64, 64, 40)
+    meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 6000000 kB\nMemAvailable: 1000 kB\n")
+    with pytest.raises(InputError, match="only 0.0 GiB is available; crop or resample it first"):
+        read_volume(path)

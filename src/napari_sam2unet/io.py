@@ -33,7 +33,9 @@ _MEMORY_SHARE = 0.5
 _MEMINFO = Path("/proc/meminfo")
 # Temporary files are short and hidden, so a legal long output name never becomes too long.
 _TEMP_PREFIX = ".sam2unet-"
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Header fields that place voxels in space: copied from the image to its labels unchanged.
+_GEOMETRY_FIELDS = ("pixdim", "xyzt_units", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+                    "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z")
 
 
 @dataclass
@@ -49,8 +51,8 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel sizes along the three array axes (mm)."""
-        zooms = tuple(float(z) for z in self.header.get_zooms()[:3])
+        """Voxel sizes along the three array axes (mm): |pixdim|, 0 read as 1 (as nibabel and ITK do)."""
+        zooms = tuple(abs(float(z)) or 1.0 for z in self.header.get_zooms()[:3])
         return zooms + (1.0,) * (3 - len(zooms))
 
     @property
@@ -125,10 +127,20 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None) -> Vol
         raise InputError(_os_error_text(f"cannot read {path.name}", error, "check the file")) from None
     except Exception as error:
         raise InputError(_corrupt_text(path, error)) from None
-    volume = Volume(data=data, affine=image.affine.copy(), header=image.header.copy(), path=path,
+    volume = Volume(data=data, affine=image.affine.copy(), header=_raw_header(path, image), path=path,
                     source_shape=shape, notes=notes)
     _check_spacing(path, volume.spacing)
     return volume
+
+
+def _raw_header(path: Path, image: nib.Nifti1Image) -> nib.Nifti1Header:
+    """The header as it is on disk. nibabel's load tidies it (negative or zero pixdim made
+    positive), and label maps written with the tidied header sit elsewhere in ITK than the image."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            return type(image.header).from_fileobj(handle, check=False)
+    except Exception:  # nibabel read it once already; its own copy is the next best
+        return image.header.copy()
 
 
 def _check_input_path(path: Path) -> None:
@@ -346,6 +358,8 @@ def labels_image(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
     # affine=None: nibabel keeps the header's qform, sform, codes and pixdim as they are
     # (given an affine it would recompute pixdim from it, which moves the labels in ITK).
     image = image_class(array, None, header=header)
+    for key in _GEOMETRY_FIELDS:  # the image class tidies the header it is given (|pixdim|): undo that
+        image.header[key] = like.header[key]
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0, float(array.max(initial=0))
     image.header.set_intent(_INTENT_LABEL)
