@@ -24,6 +24,7 @@ _EXTRA_COMMANDS = [
     ("napari_sam2unet.export", "add_export_parser"),
     ("napari_sam2unet.training.train", "add_train_parser"),
     ("napari_sam2unet.training.evaluate", "add_eval_parser"),
+    ("napari_sam2unet.training.finetune", "add_finetune_parser"),
     ("napari_sam2unet.batch", "add_batch_parser"),
 ]
 

@@ -1,0 +1,225 @@
+"""napari dock widget "Fine-tune SAM2-UNet": train a model on the slices the user labelled.
+
+The labels layer is copied when the run starts and never written to. Training runs in a thread
+worker (training/finetune.py does the work) with napari's progress bar and Cancel; a cancelled
+run writes nothing. The new model goes into the models folder that discovery searches, so it
+appears in "Segment with SAM2-UNet", where it is selected. No ``from __future__ import
+annotations``: napari reads the ``Viewer`` annotation at runtime.
+"""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from superqt.utils import create_worker
+
+from .errors import Sam2UnetError
+from .models import DEFAULT_MODEL, MODELS_ENV, list_models, search_dirs
+
+log = logging.getLogger(__name__)
+
+ALL_LABELS = 0  # the label value that means "every label in the layer"
+
+
+def default_models_folder() -> Path:
+    """$SAM2UNET_MODELS when set, else a per-user folder (made searchable for this session)."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "napari-sam2unet" / "models"
+
+
+def make_searchable(folder: Path) -> str | None:
+    """Let discovery find models in `folder` for this session; a note when it had to say so."""
+    folder = folder.expanduser().resolve()
+    if any(folder == d.expanduser().resolve() for d in search_dirs()):
+        return None
+    if os.environ.get(MODELS_ENV):
+        return (f"{folder} is not your models folder ({MODELS_ENV}={os.environ[MODELS_ENV]}); "
+                f"open the model from there with 'or model file'")
+    os.environ[MODELS_ENV] = str(folder)
+    return f"set {MODELS_ENV}={folder} to find this model in later sessions"
+
+
+class FinetuneWidget(Container):
+    """Fine-tune a SAM2-UNet model on the labelled slices of a labels layer."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(scrollable=False)
+        self.viewer = viewer
+        self.worker = None
+        self.result = None  # the last run's finetune.Result (for messages and tests)
+        self._pbar = None
+        self.image = ComboBox(label="Image", choices=self._image_choices)
+        self.labels = ComboBox(label="Labels", choices=self._labels_choices,
+                               tooltip="The slices that hold a label are the training data; the layer is not changed")
+        self.label_value = SpinBox(label="Label value", min=0, max=65535, value=ALL_LABELS,
+                                   tooltip="0: every label in the layer")
+        self.base = ComboBox(label="Base model", choices=self._model_choices, value=DEFAULT_MODEL)
+        self.steps = SpinBox(label="Steps", min=1, max=5000, value=200)
+        self.trunk = ComboBox(label="Trunk", choices=["frozen", "trained"], value="frozen",
+                              tooltip="frozen: adapters and decoder train (faster, keeps what the model knew)")
+        self.name = LineEdit(label="New model name", value="")
+        self.folder = FileEdit(label="Models folder", mode="d", value=str(default_models_folder()))
+        self.run_button = PushButton(text="Fine-tune on my labels")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(label="Status", value="ready")
+        self.extend([self.image, self.labels, self.label_value, self.base, self.steps, self.trunk, self.name,
+                     self.folder, Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
+                                            labels=False), self.status])
+        self.image.changed.connect(lambda _v=None: self.labels.reset_choices())
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            event.connect(self._refresh)
+
+    # --- choices ---------------------------------------------------------------------------
+
+    def _image_choices(self, _widget=None):
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _labels_choices(self, _widget=None):
+        image = self.image.value if hasattr(self, "image") else None
+        shape = tuple(image.data.shape) if image is not None else None
+        return [(layer.name, layer) for layer in self.viewer.layers
+                if isinstance(layer, Labels) and tuple(layer.data.shape) == shape]
+
+    def _model_choices(self, _widget=None):
+        return sorted({card.name for card in list_models()} | {DEFAULT_MODEL})
+
+    def _refresh(self, _event=None):
+        self.image.reset_choices()
+        self.labels.reset_choices()
+
+    # --- running ---------------------------------------------------------------------------
+
+    def job(self) -> dict:
+        """What the worker needs, copied now: later edits to the layers do not reach the run."""
+        from .errors import InputError
+        from .layer_prompts import slice_axis
+
+        image, labels = self.image.value, self.labels.value
+        if image is None or labels is None:
+            raise InputError("choose an image and a labels layer on its grid (label a few slices first)")
+        if image.ndim != 3:
+            raise InputError(f"{image.name} is {image.ndim}D; fine-tuning needs a 3D volume")
+        base = self.base.value
+        name = self.name.value.strip() or f"{base}-ft-{time.strftime('%Y%m%d-%H%M%S')}"
+        return {
+            "image": np.asarray(image.data, dtype=np.float32), "labels": np.array(labels.data, copy=True),
+            "spacing": tuple(float(s) for s in image.scale[-3:]), "axis": slice_axis(self.viewer, image),
+            "label_ids": None if self.label_value.value == ALL_LABELS else [int(self.label_value.value)],
+            "base": base, "name": name, "out": Path(self.folder.value).expanduser() / f"{name}.onnx",
+            "steps": int(self.steps.value), "trunk": self.trunk.value, "what": labels.name,
+        }
+
+    def run(self, _value=None):
+        """Start fine-tuning on the chosen labels layer."""
+        if self.worker is not None:
+            return
+        try:
+            job = self.job()
+            from .training import finetune as ft
+
+            ft._torch()  # say what to install now, not from the worker
+            ft.check_output(job["out"], overwrite=False)
+            # Bad labels are said at once: the worker would first spend seconds loading the model.
+            ft.select_slices(job["image"], job["labels"], job["axis"], None, job["label_ids"], job["what"])
+        except Sam2UnetError as error:
+            self._say(str(error), error)
+            return
+        self.worker = create_worker(self._work, job, _start_thread=False)
+        self.worker.yielded.connect(self._on_yield)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(self._on_abort)
+        self.worker.finished.connect(self._on_finished)
+        self._pbar = progress(total=job["steps"], desc="Fine-tuning SAM2-UNet")
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "loading the base model..."
+        self.worker.start()
+
+    @staticmethod
+    def _work(job):
+        """The worker thread: load, train step by step (yielding), then write the model."""
+        from .training import finetune as ft
+
+        base = ft.load_base(job["base"])
+        yield ft.Progress(0, job["steps"], float("nan"), "reading the labelled slices")
+        data = ft.volume_data(job["image"], job["labels"], job["spacing"], base.spec.channels, job["axis"],
+                              label_ids=job["label_ids"], what=job["what"])
+        settings = ft.Settings(steps=job["steps"], trunk=job["trunk"])
+        began = time.perf_counter()
+        before, after = yield from ft.iter_finetune(base, data, settings)
+        seconds = time.perf_counter() - began
+        extra = ft.card_extra(base, data, settings, before, after, seconds, "napari: Fine-tune SAM2-UNet")
+        card = ft.write_model(base, job["out"], extra, job["name"])
+        return ft.Result(card, job["out"], before, after, seconds), job["name"]
+
+    def _on_yield(self, report):
+        if self._pbar is not None:
+            self._pbar.update(report.step - self._pbar.n)
+        training = report.loss == report.loss  # NaN while loading or validating
+        self.status.value = f"step {report.step}/{report.total}, loss {report.loss:.3f}" if training else report.what
+
+    def _on_done(self, value):
+        result, name = value
+        self.result = result
+        note = make_searchable(result.onnx.parent)
+        selected = self.select_in_segment_widget(name)
+        self.base.reset_choices()
+        where = "selected in Segment with SAM2-UNet" if selected else "in the model list of Segment with SAM2-UNet"
+        message = (f"{name}: validation Dice {result.dice_before:.3f} -> {result.dice_after:.3f} "
+                   f"({result.seconds:.0f} s); {where}: run the remaining slices with it")
+        self.status.value = f"done: Dice {result.dice_before:.3f} -> {result.dice_after:.3f}"
+        show_info(message + (f"; {note}" if note else ""))
+
+    def select_in_segment_widget(self, name: str) -> bool:
+        """Refresh the model list of every open segmentation widget and choose the new model."""
+        from ._widget import SegmentWidget
+
+        chosen = False
+        for widget in list(self.viewer.window.dock_widgets.values()):
+            if isinstance(widget, SegmentWidget):
+                widget.model.reset_choices()
+                if name in widget.model.choices:
+                    widget.model.value = name
+                    chosen = True
+        return chosen
+
+    def _on_error(self, error):
+        self._say(str(error), error)
+
+    def _on_abort(self):
+        show_info("fine-tuning cancelled: no model was written")
+        self.status.value = "cancelled"
+
+    def _on_finished(self):
+        self.worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def cancel(self, _value=None):
+        """Stop after the current step; nothing is written."""
+        if self.worker is not None:
+            self.status.value = "cancelling..."
+            self.worker.quit()
+
+    def _say(self, message: str, error: BaseException | None = None):
+        self.status.value = message if len(message) < 80 else message[:77] + "..."
+        if error is None or isinstance(error, Sam2UnetError):
+            show_error(message)
+        else:  # a bug, not the user's doing: details in the log
+            log.error("fine-tuning failed", exc_info=(type(error), error, error.__traceback__))
+            show_error(f"fine-tuning failed unexpectedly ({type(error).__name__}: {error}); no model was written")

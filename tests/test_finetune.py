@@ -1,0 +1,171 @@
+"""`sam2unet finetune` on a real scan: weights from the ONNX file, a short run, interruptions, bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="fine-tuning needs the [train] extra (torch)")
+
+from conftest import build_brightness_model, write_nifti, write_test_card  # noqa: E402
+
+from napari_sam2unet import export  # noqa: E402
+from napari_sam2unet.backends import open_backend  # noqa: E402
+from napari_sam2unet.cli import main  # noqa: E402
+from napari_sam2unet.engine import Engine  # noqa: E402
+from napari_sam2unet.io import read_volume  # noqa: E402
+from napari_sam2unet.models import find_model, list_models, sha256_file  # noqa: E402
+from napari_sam2unet.prompts import Box, Prompts  # noqa: E402
+from napari_sam2unet.training import finetune as ft  # noqa: E402
+from napari_sam2unet.training.onnx_weights import TOLERANCE, model_from_onnx  # noqa: E402
+
+CASE = "cases/itksnap_mricrop_brain"
+HIPPOCAMPUS = "4"  # right hippocampus, on axial slices 7-29 of the ITK-SNAP crop
+
+
+def finetune_args(shared_data, out, *more):
+    return ["finetune", "--image", str(shared_data / CASE / "image.nii.gz"), "--labels",
+            str(shared_data / CASE / "label.nii.gz"), "--label", HIPPOCAMPUS, "--slices", "12,18,24",
+            "--steps", "2", "--batch", "2", "--threads", "2", "--out", str(out), *more]
+
+
+def one_error_line(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sam2unet: error:"), err
+    assert all(w in err[0] for w in words), err[0]
+    return err[0]
+
+
+def test_weights_rebuilt_from_the_bundled_onnx_give_its_outputs():
+    card = find_model()  # whatever model is bundled now
+    model, difference = model_from_onnx(card)
+    # the same logits as the file (up to fp32 rounding between two runtimes) on real-range inputs
+    assert difference < TOLERANCE * 10
+    # frozen trunk: only adapters (in the trunk) and the decoder learn; the side heads stay out
+    chosen = {id(p) for p in ft.trainable(model, "frozen")}
+    for name, p in model.named_parameters():
+        expected = (".prompt_learn." in name if name.startswith("encoder.") else not name.startswith("side"))
+        assert (id(p) in chosen) == expected, name
+    assert len({id(p) for p in ft.trainable(model, "trained")}) > len(chosen)
+
+
+def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data, tmp_path, monkeypatch, capsys):
+    models = tmp_path / "models"
+    monkeypatch.setenv("SAM2UNET_MODELS", str(models))
+    out = models / "hippo-ft.onnx"
+    args = finetune_args(shared_data, out, "--name", "hippo-ft")
+
+    # Ctrl-C during training: exit 130, no model and no temporary folder left
+    calls = []
+    real_batch = ft.training_batch
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_batch(*a, **k)
+
+    monkeypatch.setattr(ft, "training_batch", interrupted)
+    assert main(args) == 130
+    assert not models.exists() or not any(models.iterdir())
+    monkeypatch.setattr(ft, "training_batch", real_batch)
+
+    # Ctrl-C while the model is being written: still nothing (the files move in at the end)
+    real_export = export.export_onnx
+
+    def export_then_stop(*a, **k):
+        real_export(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_onnx", export_then_stop)
+    assert main(args) == 130
+    assert not any(models.iterdir())
+    monkeypatch.setattr(export, "export_onnx", real_export)
+    capsys.readouterr()
+
+    assert main(args) == 0
+    card = find_model("hippo-ft")  # by name through $SAM2UNET_MODELS; the hash is checked
+    assert "hippo-ft" in [c.name for c in list_models()]
+    info = card.raw["finetune"]
+    base = find_model()
+    assert info["base"]["name"] == base.name and info["base"]["sha256"] == base.sha256
+    assert info["data"]["slices"] == [12, 18, 24] and info["data"]["labels"] == [4] and info["steps"] == 2
+    files = {entry["file"]: entry["sha256"] for entry in info["data"]["files"]}
+    assert files[str(shared_data / CASE / "label.nii.gz")] == sha256_file(shared_data / CASE / "label.nii.gz")
+    assert len(info["data"]["data_sha256"]) == 64
+    validation = info["validation"]
+    assert validation["crops"] == 20  # the labelled slices 7-29 not trained on
+    assert 0 <= validation["dice_before"] <= 1 and 0 <= validation["dice_after"] <= 1
+    assert card.input == base.input and card.threshold == base.threshold
+
+    # the engine runs the new model: a box on an unlabelled slice gives a mask inside it
+    volume = read_volume(shared_data / CASE / "image.nii.gz")
+    truth = read_volume(shared_data / CASE / "label.nii.gz").data[:, :, 20] == 4
+    rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
+    box = Box(20, rows[0] - 2, cols[0] - 2, rows[-1] + 3, cols[-1] + 3)
+    backend, _ = open_backend(card, "cpu", threads=1)
+    with backend:
+        engine = Engine(backend)
+        engine.set_volume(volume.data, volume.spacing, 2)
+        mask = engine.segment(Prompts(boxes=[box]), scope="slices").mask[:, :, 20]
+    assert mask.any()
+
+    # the new model can be fine-tuned again: its weights come back from its own ONNX file
+    assert model_from_onnx(card)[1] < TOLERANCE * 10
+
+    # a second run into the same file is refused and leaves the model as it was
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    one_error_line(capsys, "exists", "--overwrite")
+    assert out.read_bytes() == before
+
+
+def test_a_label_map_without_labelled_slices_is_refused(shared_data, tmp_path, capsys):
+    image = read_volume(shared_data / CASE / "image.nii.gz")
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(image.data.shape, np.uint8), image.affine)
+    args = finetune_args(shared_data, tmp_path / "m.onnx")
+    args[args.index("--labels") + 1] = str(empty)
+    assert main(args) == 2
+    one_error_line(capsys, "no labelled slice", "label the object")
+    # slices that hold no label are refused too, naming the ones that do
+    args = finetune_args(shared_data, tmp_path / "m.onnx")
+    args[args.index("--slices") + 1] = "40,41"
+    assert main(args) == 2
+    one_error_line(capsys, "none of the slices [40, 41]", "labelled slices: 7, 8")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_label_map_on_another_grid_is_refused(shared_data, tmp_path, capsys):
+    image = read_volume(shared_data / CASE / "image.nii.gz")
+    labels = np.asarray(read_volume(shared_data / CASE / "label.nii.gz").data).astype(np.uint8)
+    args = finetune_args(shared_data, tmp_path / "m.onnx")
+    other = write_nifti(tmp_path / "other.nii.gz", labels[:, :, :40], image.affine)
+    args[args.index("--labels") + 1] = str(other)
+    assert main(args) == 2
+    one_error_line(capsys, "78x110x40", "78x110x64", "same voxel grid")
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 12.0
+    moved = write_nifti(tmp_path / "moved.nii.gz", labels, shifted)
+    args[args.index("--labels") + 1] = str(moved)
+    assert main(args) == 2
+    one_error_line(capsys, "another grid", "resample")
+
+
+def test_a_model_without_trainable_weights_is_refused(shared_data, tmp_path, capsys):
+    card = write_test_card(build_brightness_model(tmp_path / "bright.onnx"))
+    assert main(finetune_args(shared_data, tmp_path / "m.onnx", "--base", str(card.file))) == 2
+    one_error_line(capsys, "bright has no trainable weights", "--base")
+
+
+def test_without_torch_one_line_says_what_to_install(shared_data, tmp_path):
+    # torch made unimportable in a fresh interpreter, as on an install without the [train] extra
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from napari_sam2unet.cli import main\n"
+            f"sys.exit(main({finetune_args(shared_data, tmp_path / 'm.onnx')!r}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        'sam2unet: error: fine-tuning needs PyTorch: pip install "napari-sam2unet[train]" (torch==2.13.0, '
+        'CPU wheels are enough)']
