@@ -63,6 +63,7 @@ def ball(tmp_path, make_napari_viewer):
     viewer.window.add_dock_widget(widget)
     card = write_test_card(build_brightness_model(tmp_path / "bright.onnx", gain=2.0))
     widget.model_file.value = card.file
+    widget.auto_run.value = False  # these tests press Run themselves
     points, shapes = widget.add_prompt_layers()
     go_to_slice(viewer, 6)
     return viewer, widget, image, points, shapes, truth
@@ -81,6 +82,7 @@ def test_bundled_model_segments_the_sample_liver_from_a_box(qtbot, make_napari_v
     liver = np.asarray(reference.data) == SAMPLE_LIVER
     viewer.layers.remove(reference)
     widget = SegmentWidget(viewer)
+    widget.auto_run.value = False
     _, shapes = widget.add_prompt_layers()
     k = 10
     rows = np.flatnonzero(liver[:, :, k].any(1))
@@ -214,5 +216,5 @@ def test_propagation_fills_the_volume_and_the_status_tells_the_end(qtbot, ball):
     qtbot.wait(200)  # let any late Qt event through
     labels = labels_layer(viewer).data > 0
     assert dice(labels, truth) > 0.9
-    assert widget.status.value.startswith(f"{len(widget._undo[-1].result.slices)} slices")
+    assert widget.status.value.startswith(f"{len(widget.current.result.slices)} slices")
     assert "ms per slice" in widget.status.value

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from .io import Volume, is_nifti_path, read_volume
+from .label_files import read_label_table
+from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY
 
-META_KEY = "sam2unet"
 # NIFTI_INTENT_LABEL: the file says it is a label map.
 _INTENT_LABEL = 1002
 # Integer files with at most this many distinct values (all >= 0) open as labels.
@@ -82,12 +83,28 @@ def volume_layer_data(volume: Volume) -> LayerData:
     if looks_like_labels(volume):
         top = float(volume.data.max(initial=0))
         dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
+        table = _label_table(volume)
+        if table:
+            metadata[NAMES_KEY] = {label: name for label, (name, _) in table.items()}
+            metadata[COLOURS_KEY] = {label: rgb for label, (_, rgb) in table.items()}
+            colours = {label: (*(c / 255 for c in rgb), 1.0) for label, (_, rgb) in table.items()}
+            kwargs["colormap"] = {0: (0.0, 0.0, 0.0, 0.0), None: (0.6, 0.6, 0.6, 1.0), **colours}
         return volume.data.astype(dtype), kwargs, "labels"
     low, high = np.percentile(volume.data, (0.5, 99.5))
     if high <= low:
         low, high = float(volume.data.min()), float(volume.data.max()) + 1e-6
     kwargs.update(contrast_limits=(float(low), float(high)), colormap="gray")
     return volume.data, kwargs, "image"
+
+
+def _label_table(volume: Volume) -> dict:
+    """Names and colours beside the file (ITK-SNAP or Slicer); a broken file is not worth failing the open."""
+    if volume.path is None:
+        return {}
+    try:
+        return read_label_table(volume.path)
+    except (OSError, ValueError):
+        return {}
 
 
 def _display_name(path: Path) -> str:

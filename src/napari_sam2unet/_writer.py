@@ -1,4 +1,5 @@
-"""napari writer: a Labels layer -> .nii.gz on its source image's grid, with a provenance sidecar.
+"""napari writer: a Labels layer -> .nii.gz on its source image's grid, with a provenance sidecar
+and the label names and colours in the files ITK-SNAP and 3D Slicer read (label_files).
 
 The geometry comes from the layer's ``metadata["sam2unet"]``: the reader puts it on layers it
 opens and the widget copies it from the image onto the label layers it creates.
@@ -16,10 +17,9 @@ import numpy as np
 from . import __version__
 from .errors import InputError
 from .io import Volume, is_nifti_path, write_labels
-
-META_KEY = "sam2unet"
-RUNS_KEY = "sam2unet_runs"
-NAMES_KEY = "sam2unet_label_names"
+from .label_files import write_label_tables
+from .objects import label_colour
+from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY
 
 
 def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
@@ -33,7 +33,17 @@ def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
     volume, note = like_volume(labels.shape, meta)
     # napari asks before replacing a file, so an existing path here is the user's choice.
     written = write_labels(out, labels, volume, sidecar=sidecar(meta, volume, note), overwrite=True)
+    write_label_tables(written, label_table(labels, meta))
     return [str(written)]
+
+
+def label_table(labels: np.ndarray, meta: dict) -> dict:
+    """{label: (name, rgb)} for every label in the map: the layer's names and colours, else defaults."""
+    metadata = meta.get("metadata") or {}
+    names = {int(k): str(v) for k, v in (metadata.get(NAMES_KEY) or {}).items()}
+    colours = {int(k): tuple(int(c) for c in v) for k, v in (metadata.get(COLOURS_KEY) or {}).items()}
+    present = sorted(int(v) for v in np.unique(labels) if v)
+    return {v: (names.get(v) or f"label {v}", colours.get(v, label_colour(v))) for v in present}
 
 
 def like_volume(shape: tuple[int, ...], meta: dict) -> tuple[Volume, str | None]:
@@ -86,6 +96,7 @@ def sidecar(meta: dict, volume: Volume, note: str | None = None) -> dict[str, An
         "orientation": "".join(nib.aff2axcodes(volume.affine)),
         "spacing_mm": [float(z) for z in volume.header.get_zooms()[:3]],
         "label_names": {str(k): v for k, v in names.items()},
+        "label_colours": {str(k): list(v) for k, v in (metadata.get(COLOURS_KEY) or {}).items()},
         "runs": list(metadata.get(RUNS_KEY, [])),
     }
     if note:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .backends.base import Backend
 from .errors import Cancelled, InputError
-from .postprocess import select_regions
+from .postprocess import box_mask, select_regions
 from .preprocess import Crop, View, crop_for_box, crop_for_slice, paste_back, plan_views, sample_crop, to_model_input
 from .prompts import Box, Prompts, interpolate_boxes
 
@@ -28,6 +28,14 @@ MIN_PROPAGATE_PIXELS = 4
 # has jumped to another structure. Chosen on held-out validation structures (docs/performance.md).
 PROPAGATE_GROWTH = 0.05
 PROPAGATE_MIN_OVERLAP = 0.7
+# A positive point without a box: the model sees square crops of these sides (mm) around it and
+# the slice keeps the one chosen by CLICK_CHOICE ("stability": the mask that changes least when
+# the threshold moves by CLICK_STABILITY_DELTA, as SAM scores its masks; "border": the smallest
+# crop whose mask does not touch its edge; "confidence": the highest mean probability). Chosen
+# on validation structures (docs/performance.md).
+CLICK_SIDES_MM = (16.0, 24.0, 36.0, 54.0, 81.0, 121.0)
+CLICK_CHOICE = "border"
+CLICK_STABILITY_DELTA = 0.15
 # Slices per backend call; on 2 cores batch 4 is no faster than 1, but amortises Python overhead.
 DEFAULT_BATCH = 4
 _PROB_SCALE = 65535.0
@@ -40,6 +48,8 @@ class SliceTask:
     slice: int
     crop: Crop
     clip: tuple[float, float, float, float] | None = None
+    # One of several candidate crops around a click: the slice keeps the best one, not their union.
+    choose: bool = False
 
 
 @dataclass
@@ -56,6 +66,10 @@ class SegmentationResult:
     axis: int
     threshold: float
     slices: dict[int, SliceResult] = field(default_factory=dict)
+    # The engine key (volume, views, axis, model) the probabilities belong to: refine checks it.
+    key: tuple | None = None
+    # Why propagation stopped, per direction (-1, +1): 'vanished', 'jumped ...', 'edge of the volume'.
+    stops: dict[int, str] = field(default_factory=dict)
     cancelled: bool = False
     total_seconds: float = 0.0
     backend_seconds: float = 0.0
@@ -94,6 +108,10 @@ class Engine:
         self.flip_average = self.card.flip_average
         self._cache: dict[tuple, np.ndarray] = {}
         self._data: np.ndarray | None = None
+        self._volume_token = object()
+        self.propagate_min_overlap = PROPAGATE_MIN_OVERLAP
+        self.click_sides_mm = CLICK_SIDES_MM
+        self.click_choice = CLICK_CHOICE
         self.backend_calls = 0
         self.backend_seconds = 0.0
 
@@ -121,11 +139,17 @@ class Engine:
         same_volume = data is self._data or (self._data is not None and data.base is self._data)
         if not same_volume:
             self._cache.clear()
+            self._volume_token = object()  # results of the previous volume no longer refine here
         self._data = data
         self.spacing = tuple(float(s) for s in spacing)
         self.axis = axis
         self.window = window
         self.views: tuple[View, View, View] = plan_views(data, window, self.card.input.channels)
+
+    @property
+    def key(self) -> tuple:
+        """What a result's probabilities depend on: this volume, its views, the axis, the model."""
+        return (self._volume_token, self.views, self.axis, self.card.id, self.flip_average)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -150,6 +174,23 @@ class Engine:
         spec = self.card.input
         crop = crop_for_box(box.rect, self.slice_spacing, spec.crop, spec.margin)
         return SliceTask(box.slice, crop, box.rect)
+
+    def click_tasks(self, k: int, points) -> list[SliceTask]:
+        """Candidate crops of several sizes around a slice's positive points (no box drawn)."""
+        positive = [p for p in points if p.positive]
+        rows, cols = self.slice_shape
+        i0, i1 = min(p.i for p in positive), max(p.i for p in positive)
+        j0, j1 = min(p.j for p in positive), max(p.j for p in positive)
+        spacing_i, spacing_j = self.slice_spacing
+        tasks, seen = [], set()
+        for side in self.click_sides_mm:
+            half_i, half_j = side / spacing_i / 2, side / spacing_j / 2
+            box = Box(k, max(0.0, i0 - half_i), max(0.0, j0 - half_j), min(rows, i1 + half_i), min(cols, j1 + half_j))
+            task = replace(self.box_task(box), choose=True)
+            if task.crop.key() not in seen:
+                seen.add(task.crop.key())
+                tasks.append(task)
+        return tasks
 
     def whole_slice_task(self, k: int) -> SliceTask:
         return SliceTask(k, crop_for_slice(self.slice_shape, self.slice_spacing, self.card.input.crop), None)
@@ -179,7 +220,12 @@ class Engine:
             slices = set(range(self.shape[self.axis]))
         plan = {}
         for k in sorted(slices):
-            plan[k] = [self.box_task(b) for b in boxes[k]] if k in boxes else [self.whole_slice_task(k)]
+            if k in boxes:
+                plan[k] = [self.box_task(b) for b in boxes[k]]
+            elif scope != "volume" and any(p.positive for p in prompts.points_on(k)):
+                plan[k] = self.click_tasks(k, prompts.points_on(k))
+            else:
+                plan[k] = [self.whole_slice_task(k)]
         return plan
 
     # --- running -----------------------------------------------------------------------------
@@ -249,10 +295,34 @@ class Engine:
         """A slice's mask from cached probabilities: never calls the backend."""
         positive = [(p.i, p.j) for p in prompts.points_on(k) if p.positive]
         negative = [(p.i, p.j) for p in prompts.points_on(k) if not p.positive]
+        if tasks and tasks[0].choose:
+            return self._choose(tasks, threshold, positive, negative)[1]
         mask = np.zeros(self.slice_shape, dtype=bool)
         for task in tasks:
             mask |= select_regions(self.probability(task), threshold, task.clip, positive, negative)
         return mask
+
+    def slice_result(self, k: int, tasks: list[SliceTask], prompts: Prompts, threshold: float) -> SliceResult:
+        """A slice's result; of candidate crops around a click only the chosen one is kept, so edits stay on it."""
+        if tasks and tasks[0].choose:
+            positive = [(p.i, p.j) for p in prompts.points_on(k) if p.positive]
+            negative = [(p.i, p.j) for p in prompts.points_on(k) if not p.positive]
+            task, mask = self._choose(tasks, threshold, positive, negative)
+            return SliceResult([replace(task, choose=False)], mask)
+        return SliceResult(tasks, self.postprocess(k, tasks, prompts, threshold))
+
+    def _choose(self, tasks, threshold, positive, negative) -> tuple[SliceTask, np.ndarray]:
+        """The best candidate crop around a click and its mask (see CLICK_CHOICE)."""
+        best, best_score, best_task = np.zeros(self.slice_shape, dtype=bool), -np.inf, tasks[0]
+        for order, task in enumerate(tasks):
+            probability = self.probability(task)
+            mask = select_regions(probability, threshold, task.clip, positive, negative)
+            if not mask.any():
+                continue
+            score = _click_score(self.click_choice, mask, probability, task, threshold, positive, negative, order)
+            if score > best_score:
+                best, best_score, best_task = mask, score, task
+        return best_task, best
 
     def iter_segment(
         self,
@@ -265,7 +335,7 @@ class Engine:
         threshold = self.card.threshold if threshold is None else threshold
         prompts = prompts.validate(self.shape, self.axis)
         scope = self.resolve_scope(prompts, scope)
-        result = SegmentationResult(self.shape, self.axis, threshold)
+        result = SegmentationResult(self.shape, self.axis, threshold, key=self.key)
         began, backend_before, calls_before = time.perf_counter(), self.backend_seconds, self.backend_calls
 
         def account():
@@ -290,7 +360,7 @@ class Engine:
         done = 0
         for index in self._run_groups([[t for k in group for t in plan[k]] for group in groups]):
             for k in groups[index]:
-                result.slices[k] = SliceResult(plan[k], self.postprocess(k, plan[k], prompts, threshold))
+                result.slices[k] = self.slice_result(k, plan[k], prompts, threshold)
             done += len(groups[index])
             yield done, total
 
@@ -301,20 +371,29 @@ class Engine:
         total, done = depth, 0
         for k, tasks in seeds.items():
             self._run_tasks(tasks)
-            result.slices[k] = SliceResult(tasks, self.postprocess(k, tasks, prompts, threshold))
+            result.slices[k] = self.slice_result(k, tasks, prompts, threshold)
             done += 1
             yield done, total
         for k in seeds:
             for step in (-1, 1):
                 previous, current = result.slices[k].mask, k + step
-                while 0 <= current < depth and current not in result.slices:
+                while True:
+                    if not 0 <= current < depth:
+                        result.stops[step] = "edge of the volume"
+                        break
+                    if current in result.slices:
+                        result.stops[step] = f"met slice {current}, segmented from another prompt"
+                        break
                     box = mask_box(previous, PROPAGATE_GROWTH)
                     if box is None:
+                        result.stops[step] = f"vanished at slice {current}"
                         break
                     task = self.box_task(Box(current, *box))
                     self._run_tasks([task])
                     mask = self.postprocess(current, [task], prompts, threshold)
-                    if not propagation_continues(mask, previous):
+                    stop = propagation_stop(mask, previous, self.propagate_min_overlap)
+                    if stop:
+                        result.stops[step] = f"{stop} at slice {current}"
                         break
                     result.slices[current] = SliceResult([task], mask)
                     done += 1
@@ -344,6 +423,12 @@ class Engine:
     def refine(self, result: SegmentationResult, prompts: Prompts, threshold: float | None = None,
                slices: list[int] | None = None) -> SegmentationResult:
         """Re-apply threshold and points to segmented slices from the cache: no model call."""
+        self._require_volume()
+        if result.key is not None and result.key != self.key:
+            raise InputError(
+                "this result was computed on another volume, slice axis or model than the engine holds now; "
+                "segment it again to edit it"
+            )
         prompts = prompts.validate(self.shape, self.axis)
         if threshold is not None:
             result.threshold = threshold
@@ -366,6 +451,36 @@ def _check_spacing(spacing) -> None:
     if len(sizes) != 3 or not all(np.isfinite(s) and s > 0 for s in sizes):
         raise InputError(f"voxel spacing {'x'.join(f'{s:g}' for s in sizes)} must be three positive sizes in mm; "
                          f"check the image header's voxel sizes (pixdim)")
+
+
+def _click_score(choice, mask, probability, task, threshold, positive, negative, order) -> float:
+    """How much a candidate crop's mask looks like the structure under the click (higher is better)."""
+    if choice == "confidence":
+        return float(probability[mask].mean())
+    touches = _touches_edge(mask, task.clip)
+    if choice == "border":
+        return -order - (100 if touches else 0)  # the smallest crop that holds the whole mask
+    if choice != "stability":
+        raise InputError(f"unknown click choice {choice!r}; use stability, border or confidence")
+    low = select_regions(probability, max(0.01, threshold - CLICK_STABILITY_DELTA), task.clip, positive, negative)
+    high = select_regions(probability, min(0.99, threshold + CLICK_STABILITY_DELTA), task.clip, positive, negative)
+    return float((low & high).sum() / max(1, (low | high).sum())) - (0.5 if touches else 0.0)
+
+
+def _touches_edge(mask: np.ndarray, clip) -> bool:
+    """Whether a mask reaches its crop's edge where the crop is inside the slice (it is cut off there)."""
+    inside = box_mask(mask.shape, clip)
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    edge = np.zeros_like(inside)
+    if rows[0] > 0:
+        edge[rows[0], :] = True
+    if rows[-1] < mask.shape[0] - 1:
+        edge[rows[-1], :] = True
+    if cols[0] > 0:
+        edge[:, cols[0]] = True
+    if cols[-1] < mask.shape[1] - 1:
+        edge[:, cols[-1]] = True
+    return bool((mask & edge & inside).any())
 
 
 def _finite(data: np.ndarray, replace: bool) -> tuple[np.ndarray, int]:
@@ -401,12 +516,20 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
 
 
-def propagation_continues(mask: np.ndarray, previous: np.ndarray) -> bool:
+def propagation_continues(mask: np.ndarray, previous: np.ndarray, min_overlap: float = PROPAGATE_MIN_OVERLAP) -> bool:
     """Whether a propagated slice's mask is still the structure: not vanished, not jumped away."""
+    return propagation_stop(mask, previous, min_overlap) is None
+
+
+def propagation_stop(mask: np.ndarray, previous: np.ndarray, min_overlap: float = PROPAGATE_MIN_OVERLAP) -> str | None:
+    """Why propagation stops at this mask ('vanished', 'jumped to another structure'), or None."""
     if mask.sum() < MIN_PROPAGATE_PIXELS:
-        return False
+        return "vanished"
     union = np.logical_or(mask, previous).sum()
-    return np.logical_and(mask, previous).sum() >= PROPAGATE_MIN_OVERLAP * union
+    overlap = np.logical_and(mask, previous).sum() / max(1, union)
+    if overlap < min_overlap:
+        return f"jumped to another structure (overlap {overlap:.2f} < {min_overlap:.2f})"
+    return None
 
 
 def mask_box(mask: np.ndarray, margin: float) -> tuple[float, float, float, float] | None:

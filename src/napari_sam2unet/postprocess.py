@@ -109,10 +109,13 @@ def _keep_at_points(mask, probability, points, inside) -> np.ndarray:
 # "probability" floods from both sides over 1 - probability (the cut follows low probability),
 # "shape" over the inverted distance to the edge (the cut follows the neck), "both" over their
 # mean, "nearest" by straight distance. Chosen on validation structures (docs/performance.md).
-NEGATIVE_SPLIT = "probability"
-# A negative point this deep inside its region (share of the region's deepest distance to the
-# edge) is on the structure itself: the whole region goes.
-CORE_SHARE = 0.6
+NEGATIVE_SPLIT = "nearest"
+# Without a positive point in its region, a negative point is weighed against the deepest pixel
+# of the region outside CORE_REACH times the point's own distance to the region's edge; with
+# less than MIN_KEPT_SHARE of the region out there the point was on the structure itself (its
+# middle, as the corners of a square lie 1.41 times the edge distance away), and the region goes.
+CORE_REACH = 1.5
+MIN_KEPT_SHARE = 0.1
 
 
 def _remove_at_points(mask, negative, positive, probability=None, split: str | None = None) -> np.ndarray:
@@ -129,10 +132,12 @@ def _remove_at_points(mask, negative, positive, probability=None, split: str | N
         anchors = [_pixel(p, mask.shape) for p in positive if labels[_pixel(p, mask.shape)] == region]
         if not anchors:
             depth = ndimage.distance_transform_edt(component)
-            if depth[r, c] >= CORE_SHARE * depth.max():
-                result &= ~component
+            rows, cols = np.indices(mask.shape)
+            outside = component & (np.hypot(rows - r, cols - c) > CORE_REACH * depth[r, c] + 1)
+            if outside.sum() < MIN_KEPT_SHARE * component.sum():
+                result &= ~component  # clicked on the structure itself: not this one
                 continue
-            anchors = [np.unravel_index(int(np.argmax(depth)), depth.shape)]
+            anchors = [np.unravel_index(int(np.argmax(np.where(outside, depth, -1))), depth.shape)]
         result &= ~(component & _negative_side(component, (r, c), anchors, probability, split))
     return result
 

@@ -1,0 +1,105 @@
+"""Label names and colours beside a NIfTI label map, in the files ITK-SNAP and 3D Slicer read.
+
+- ``<stem>-labels.txt``: an ITK-SNAP label description file (Segmentation > Import Label
+  Descriptions): ``IDX R G B A VIS MSH "NAME"``, A from 0 to 1.
+- ``<stem>.ctbl``: a 3D Slicer colour table (load it with the label map; Segment Editor and
+  the Colors module read it): ``VALUE NAME R G B A``, A from 0 to 255, names without spaces.
+Both are read back by :func:`read_label_table`, which the napari reader uses.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+Table = dict[int, tuple[str, tuple[int, int, int]]]  # label -> (name, (r, g, b))
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def itksnap_path(nifti: Path) -> Path:
+    return nifti.with_name(_stem(nifti) + "-labels.txt")
+
+
+def slicer_path(nifti: Path) -> Path:
+    return nifti.with_name(_stem(nifti) + ".ctbl")
+
+
+def write_itksnap(path: Path, table: Table) -> Path:
+    lines = [
+        "################################################",
+        "# ITK-SnAP Label Description File",
+        "# File format: ",
+        "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL",
+        "# Fields: IDX label value, R G B colour 0-255, A opacity 0-1, VIS/MSH visible 0/1, LABEL name",
+        "################################################",
+        f'{0:5d} {0:5d} {0:4d} {0:4d} {0:8g} {0:2d} {0:2d}    "Clear Label"',
+    ]
+    for label, (name, (r, g, b)) in sorted(table.items()):
+        safe = name.replace('"', "'")
+        lines.append(f'{label:5d} {r:5d} {g:4d} {b:4d} {1:8g} {1:2d} {1:2d}    "{safe}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_slicer(path: Path, table: Table) -> Path:
+    lines = [f"# Color table file {path.name}", f"# {len(table) + 1} values", "0 Background 0 0 0 0"]
+    for label, (name, (r, g, b)) in sorted(table.items()):
+        lines.append(f"{label} {slicer_name(name)} {r} {g} {b} 255")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def slicer_name(name: str) -> str:
+    """Slicer's colour table splits on whitespace: spaces become underscores."""
+    return re.sub(r"\s+", "_", name.strip()) or "unnamed"
+
+
+def read_itksnap(path: Path) -> Table:
+    table: Table = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = shlex.split(line)
+        if len(fields) < 8:
+            raise ValueError(f"{path.name}: a label line needs 8 fields (IDX R G B A VIS MSH LABEL): {line!r}")
+        label = int(fields[0])
+        if label:
+            table[label] = (fields[7], (int(fields[1]), int(fields[2]), int(fields[3])))
+    return table
+
+
+def read_slicer(path: Path) -> Table:
+    table: Table = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 6:
+            raise ValueError(f"{path.name}: a colour line needs VALUE NAME R G B A: {line!r}")
+        label = int(fields[0])
+        if label:
+            table[label] = (fields[1], (int(fields[2]), int(fields[3]), int(fields[4])))
+    return table
+
+
+def write_label_tables(nifti: Path, table: Table) -> list[Path]:
+    """Both files beside the label map; returns their paths."""
+    return [write_itksnap(itksnap_path(nifti), table), write_slicer(slicer_path(nifti), table)]
+
+
+def read_label_table(nifti: Path) -> Table:
+    """Names and colours found beside a label map (ITK-SNAP file first: it keeps spaces), or {}."""
+    nifti = Path(nifti)
+    if itksnap_path(nifti).is_file():
+        return read_itksnap(itksnap_path(nifti))
+    if slicer_path(nifti).is_file():
+        return read_slicer(slicer_path(nifti))
+    return {}
