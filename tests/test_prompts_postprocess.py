@@ -89,16 +89,18 @@ def test_holes_are_filled():
     assert select_regions(probability, 0.5, fill_holes=False).sum() == 240
 
 
-def test_a_box_keeps_the_structure_it_is_about_not_a_neighbour_leaking_in():
+def test_a_box_can_keep_only_the_structure_it_is_about_not_a_neighbour_leaking_in():
     probability = np.zeros((40, 40), np.float32)
     probability[10:30, 10:30] = 0.9  # the structure, under the box centre
     probability[2:6, 2:38] = 0.9  # a neighbour's edge inside the box
     box = (1.0, 1.0, 31.0, 39.0)
-    mask = select_regions(probability, 0.5, box=box)
+    # by default (chosen on validation) every region in the box stays: lesions come in parts
+    assert select_regions(probability, 0.5, box=box).sum() == 400 + 144
+    mask = select_regions(probability, 0.5, box=box, regions="centre")
     assert mask[20, 20] and not mask[3, 20] and mask.sum() == 400
     # with nothing under the centre, the largest region is the structure
     probability[15:25, 15:25] = 0.0
-    ring = select_regions(probability, 0.5, box=box, fill_holes=False)
+    ring = select_regions(probability, 0.5, box=box, fill_holes=False, regions="centre")
     assert ring[12, 12] and not ring[3, 20]
     # a positive point still chooses any region it touches
-    assert select_regions(probability, 0.5, box=box, positive=[(3, 20)])[3, 20]
+    assert select_regions(probability, 0.5, box=box, positive=[(3, 20)], regions="centre")[3, 20]
