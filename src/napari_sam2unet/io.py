@@ -33,6 +33,8 @@ _MEMORY_SHARE = 0.5
 _MEMINFO = Path("/proc/meminfo")
 # Temporary files are short and hidden, so a legal long output name never becomes too long.
 _TEMP_PREFIX = ".sam2unet-"
+# nibabel's words for a file that holds fewer voxel bytes than its header promises.
+_SHORT_READ = re.compile(r"Expected (\d+) bytes, got (\d+) bytes")
 # Header fields that place voxels in space: copied from the image to its labels unchanged.
 _GEOMETRY_FIELDS = ("pixdim", "xyzt_units", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
                     "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z")
@@ -123,8 +125,10 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None) -> Vol
         data = _as_float32(path, data)
     except InputError:
         raise
-    except OSError as error:
-        raise InputError(_os_error_text(f"cannot read {path.name}", error, "check the file")) from None
+    except OSError as error:  # nibabel reports a file shorter than its header says as OSError too
+        short = _SHORT_READ.search(str(error))
+        raise InputError(_corrupt_text(path, error) if short else
+                         _os_error_text(f"cannot read {path.name}", error, "check the file")) from None
     except Exception as error:
         raise InputError(_corrupt_text(path, error)) from None
     volume = Volume(data=data, affine=image.affine.copy(), header=_raw_header(path, image), path=path,
@@ -214,7 +218,7 @@ def _first_line(error: BaseException) -> str:
 
 def _corrupt_text(path: Path, error: BaseException) -> str:
     """A header that promises more voxels than the file holds, in words; else nibabel's own."""
-    short = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(error))
+    short = _SHORT_READ.search(str(error))
     if short:
         return (f"{path.name} is truncated: its header promises {short[1]} bytes of voxels but the file holds "
                 f"{short[2]}; copy or export it again")
