@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 
-from napari_sam2unet import postprocess, preprocess
+from napari_sam2unet import engine, postprocess, preprocess
 from napari_sam2unet.training.datasets import default_manifest, find_cases
 from napari_sam2unet.training.evaluate import PROTOCOLS, evaluate
 
@@ -28,17 +28,25 @@ def variants():
         yield f"min crop {pixels} px", {"min_crop": pixels}
     for rule in ("all", "largest"):
         yield f"box regions {rule}", {"regions": rule}
+    for overlap in (0.5, 0.6, 0.8):
+        yield f"propagation overlap {overlap}", {"overlap": overlap}
+    for growth in (0.0, 0.1):
+        yield f"propagation growth {growth}", {"growth": growth}
 
 
 def run(model, settings, cases, protocols):
-    saved = preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS
+    saved = (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
+             engine.PROPAGATE_GROWTH)
     preprocess.MIN_CROP_PIXELS = settings.get("min_crop", saved[0])
     postprocess.BOX_REGIONS = settings.get("regions", saved[1])
+    engine.PROPAGATE_MIN_OVERLAP = settings.get("overlap", saved[2])
+    engine.PROPAGATE_GROWTH = settings.get("growth", saved[3])
     try:
         return evaluate(cases, [model], margin=settings.get("margin"), threshold=settings.get("threshold"),
                         protocols=protocols, baseline=False, threads=2)
     finally:
-        preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS = saved
+        (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
+         engine.PROPAGATE_GROWTH) = saved
 
 
 def main() -> None:
