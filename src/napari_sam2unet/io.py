@@ -67,7 +67,8 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _stem(path: Path) -> str:
+def nifti_stem(path: Path) -> str:
+    """The file name without .nii / .nii.gz (sidecars and label files are named after it)."""
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.lower().endswith(suffix):
@@ -234,7 +235,7 @@ def _os_error_text(what: str, error: OSError, advice: str) -> str:
 
 
 def sidecar_path_for(path: Path) -> Path:
-    return path.with_name(_stem(path) + ".json")
+    return path.with_name(nifti_stem(path) + ".json")
 
 
 def check_output_path(
@@ -300,7 +301,7 @@ def _check_sidecar_path(out: Path, overwrite: bool) -> None:
     if sidecar.is_dir():
         raise InputError(f"the sidecar path {sidecar} is a folder; choose another --out or pass --no-sidecar")
     for suffix in (".nii", ".nii.gz"):
-        other = out.with_name(_stem(out) + suffix)
+        other = out.with_name(nifti_stem(out) + suffix)
         if other.name != out.name and other.exists():
             raise InputError(f"the sidecar {sidecar.name} would also describe {other.name} (same name); "
                              f"choose another --out name or pass --no-sidecar")

@@ -13,23 +13,17 @@ import re
 import shlex
 from pathlib import Path
 
+from .io import nifti_stem
+
 Table = dict[int, tuple[str, tuple[int, int, int]]]  # label -> (name, (r, g, b))
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def itksnap_path(nifti: Path) -> Path:
-    return nifti.with_name(_stem(nifti) + "-labels.txt")
+    return nifti.with_name(nifti_stem(nifti) + "-labels.txt")
 
 
 def slicer_path(nifti: Path) -> Path:
-    return nifti.with_name(_stem(nifti) + ".ctbl")
+    return nifti.with_name(nifti_stem(nifti) + ".ctbl")
 
 
 def write_itksnap(path: Path, table: Table) -> Path:

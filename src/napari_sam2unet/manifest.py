@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, PromptError
+from .io import nifti_stem
 from .prompts import Box, Point, Prompts, parse_box, parse_point
 
 COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "name", "scope", "axis",
@@ -143,19 +144,11 @@ def _case(row: dict[str, Any], number: int, base: Path) -> CaseSpec:
         if column in values:
             values[column] = str((base / str(values[column])).expanduser().resolve())
     image = Path(values.pop("image"))
-    name = str(values.pop("case", "") or _stem(image))
+    name = str(values.pop("case", "") or nifti_stem(image))
     if not _CASE_NAME.match(name):
         raise InputError(f"manifest row {number}: case name {name!r} cannot be a file name; "
                          f"use letters, digits, '.', '_' and '-'")
     return CaseSpec(name, image, values)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _check_unique(cases: list[CaseSpec], path: Path) -> None:
