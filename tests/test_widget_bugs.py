@@ -253,9 +253,11 @@ def test_bug7_choosing_another_model_leaves_the_last_result_alone(qtbot, two_bal
     viewer, widget, _, _, shapes, _ = two_balls
     box_around(shapes, 6, *BALL_A)
     run_and_wait(qtbot, widget)
-    widget.threshold.value = 0.9
+    before = int(labels_layer(viewer).data.sum())
+    widget.threshold.value = 0.99  # above most of the ball
     qtbot.wait(REFINE_WAIT_MS)
     shown = labels_layer(viewer).data.copy()
+    assert 0 < shown.sum() < before
     other = write_test_card(build_brightness_model(tmp_path / "other.onnx", gain=1.0))
     widget.model_file.value = other.file  # its card's threshold (0.5) is for the next run
     qtbot.wait(REFINE_WAIT_MS)

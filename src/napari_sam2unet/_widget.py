@@ -725,7 +725,8 @@ class SegmentWidget(Container):
             obj.result.stops = result.stops
         else:
             obj.result = result  # a first run, or on another volume/axis/model: earlier slices stay as labels
-        self._write(obj, step, {k: s.mask for k, s in result.slices.items()})
+        # Slices written while the run went need no second write: only the last batch's.
+        self._write(obj, step, {k: s.mask for k, s in result.slices.items() if k not in step.before})
         step.close()
         step.state_after = obj.state()
         written = step.voxels(obj.label)
