@@ -13,6 +13,7 @@ from pathlib import Path
 import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
+from scipy import ndimage
 
 from napari_sam2unet._sample_data import SAMPLE_LIVER, sample_paths
 from napari_sam2unet._widget import SegmentWidget
@@ -20,6 +21,7 @@ from napari_sam2unet.io import read_volume
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 SLICE = 10
+KIDNEY, KIDNEY_SLICE = 2, 5  # the right kidney in the sample's label map
 
 
 def wait(widget: SegmentWidget, seconds: float = 120) -> None:
@@ -46,27 +48,41 @@ def main() -> None:
     image_path, labels_path = sample_paths()
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1600, 950)
-    (image,) = viewer.open(str(image_path), plugin="napari-sam2unet")
-    viewer.dims.order = (2, 1, 0)  # axial slices of this LPS volume, in radiological view
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="SAM2-UNet", area="right")
+    (image,) = viewer.open(str(image_path), plugin="napari-sam2unet")  # opens radiological axial
     viewer.dims.set_current_step(2, SLICE)
+    widget.auto_run.value = False  # the first picture shows the box before the run
 
     # A box around the liver, as a user drags it (napari data coordinates).
-    liver = np.asarray(read_volume(labels_path).data)[:, :, SLICE] == SAMPLE_LIVER
+    truth = np.asarray(read_volume(labels_path).data)
+    liver = truth[:, :, SLICE] == SAMPLE_LIVER
     rows, cols = np.flatnonzero(liver.any(1)), np.flatnonzero(liver.any(0))
     points, shapes = widget.add_prompt_layers()
+    widget.label_name.value = "liver"
     corners = [[rows[0] - 2, cols[0] - 2, SLICE], [rows[0] - 2, cols[-1] + 2, SLICE],
                [rows[-1] + 2, cols[-1] + 2, SLICE], [rows[-1] + 2, cols[0] - 2, SLICE]]
     shapes.add_rectangles(np.array(corners, dtype=float))
     shoot(viewer, "1-box-prompt.png")
 
     widget.scope.value = "propagate from this slice"
-    widget.label_name.value = "liver"
     widget.run()
     wait(widget)
     viewer.layers.selection.active = shapes
     shoot(viewer, "2-propagated.png")
+
+    # The next object: the right kidney by one click, segmented as the point lands.
+    widget.auto_run.value = True
+    widget.commit()
+    widget.label_name.value = "right kidney"
+    viewer.dims.set_current_step(2, KIDNEY_SLICE)
+    kidney = truth[:, :, KIDNEY_SLICE] == KIDNEY
+    depth = ndimage.distance_transform_edt(kidney)
+    r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    viewer.layers.selection.active = points
+    points.add(np.array([[r, c, KIDNEY_SLICE]], dtype=float))
+    wait(widget)
+    shoot(viewer, "3-two-objects.png")
 
     viewer.dims.ndisplay = 3
     for layer in (image, points, shapes):
@@ -76,7 +92,7 @@ def main() -> None:
     viewer.camera.center = labels.data_to_world(np.argwhere(labels.data).mean(axis=0))
     labels.opacity = 1.0
     viewer.camera.angles = (-15, 25, 120)
-    shoot(viewer, "3-liver-3d.png", reset=False)
+    shoot(viewer, "4-3d.png", reset=False)
     viewer.close()
 
 

@@ -130,6 +130,8 @@ class SegmentWidget(Container):
         self.redo_button = PushButton(text="Redo", enabled=False)
         self.status = Label(label="Status", value="ready")
         self.cursor = Label(label="Cursor", value="")
+        for label in (self.status, self.cursor, self.backend_info):
+            label.native.setWordWrap(True)  # a long status wraps instead of widening the dock
 
         def row(*widgets):
             return Container(widgets=list(widgets), layout="horizontal", labels=False)
