@@ -151,9 +151,10 @@ def test_bug4_one_click_segments_the_structure_under_it_not_the_body(qtbot, make
     points.add(np.array([[31.0, 62.0, 5.0]]))  # its middle
     run_and_wait(qtbot, widget)
     mask = labels_layer(viewer).data[:, :, 5] > 0
-    # Tolerant (the bundled model is retrained): not the abdomen (7791 px before), mostly kidney.
+    # Tolerant (the bundled model is retrained): the kidney, with at most a rim of its
+    # neighbours, not the abdomen (7791 px before, 49 times the kidney).
     assert 0 < mask.sum() < 3 * kidney.sum()
-    assert (mask & kidney).sum() >= 0.4 * mask.sum()
+    assert (mask & kidney).sum() >= 0.8 * kidney.sum()
 
 
 def test_bug5_the_sidecar_lists_every_run_through_napari_proxies(qtbot, tmp_path, make_napari_viewer):
