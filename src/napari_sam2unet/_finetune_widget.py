@@ -57,6 +57,7 @@ class FinetuneWidget(Container):
         self.worker = None
         self.result = None  # the last run's finetune.Result (for messages and tests)
         self._pbar = None
+        self._cancelling = False
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.labels = ComboBox(label="Labels", choices=self._labels_choices,
                                tooltip="The slices that hold a label are the training data; the layer is not changed")
@@ -142,6 +143,7 @@ class FinetuneWidget(Container):
         self.worker.aborted.connect(self._on_abort)
         self.worker.finished.connect(self._on_finished)
         self._pbar = progress(total=job["steps"], desc="Fine-tuning SAM2-UNet")
+        self._cancelling = False
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "loading the base model..."
@@ -165,6 +167,8 @@ class FinetuneWidget(Container):
         return ft.Result(card, job["out"], before, after, seconds), job["name"]
 
     def _on_yield(self, report):
+        if self._cancelling:
+            return  # a step that ended after Cancel was pressed may be reported after the abort
         if self._pbar is not None:
             self._pbar.update(report.step - self._pbar.n)
         training = report.loss == report.loss  # NaN while loading or validating
@@ -213,6 +217,7 @@ class FinetuneWidget(Container):
     def cancel(self, _value=None):
         """Stop after the current step; nothing is written."""
         if self.worker is not None:
+            self._cancelling = True
             self.status.value = "cancelling..."
             self.worker.quit()
 
