@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import BACKEND_CHOICES
 from .errors import Cancelled, InputError, ModelError, Sam2UnetError
 from .manifest import CaseSpec, ResolvedCase, read_manifest, resolve_case
 
@@ -426,7 +427,7 @@ def add_batch_parser(commands) -> None:
     batch.add_argument("--out-dir", "-o", type=Path, required=True,
                        help="folder for <case>.nii.gz, their sidecars and report.csv")
     batch.add_argument("--model", default=None, help="model name or path to .onnx/.yaml (default: bundled)")
-    batch.add_argument("--backend", default="auto", choices=("auto", "cpu", "npu"))
+    batch.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     batch.add_argument("--workers", type=int, default=None,
                        help="worker processes of a local Dask cluster (default: sized to the cores)")
     batch.add_argument("--threads-per-worker", type=int, default=None,
