@@ -143,7 +143,6 @@ class Engine:
         self._data = data
         self.spacing = tuple(float(s) for s in spacing)
         self.axis = axis
-        self.window = window
         self.views: tuple[View, View, View] = plan_views(data, window, self.card.input.channels)
 
     @property

@@ -46,10 +46,6 @@ class Prompts:
     def __bool__(self) -> bool:
         return bool(self.boxes or self.points)
 
-    def slices(self) -> list[int]:
-        """Slices that carry a prompt, in order."""
-        return sorted({p.slice for p in self.points} | {b.slice for b in self.boxes})
-
     def boxes_on(self, k: int) -> list[Box]:
         return [b for b in self.boxes if b.slice == k]
 

@@ -25,10 +25,6 @@ class Backend(ABC):
         self.card = card
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return self.card.input.shape
-
-    @property
     def max_batch(self) -> int:
         """The largest batch one call accepts (1 for models exported with batch 1)."""
         return 1 if not self.card.input.dynamic_batch else MAX_DYNAMIC_BATCH
