@@ -41,6 +41,7 @@ if not _wheel_exists_here():
 # Where the wheel exists, CI installs it: a missing runtime is a failure, not a skip.
 import onnxruntime_qnn  # noqa: E402, F401
 
+from napari_sam2unet._sample_data import sample_paths  # noqa: E402
 from napari_sam2unet.backends import open_backend  # noqa: E402
 from napari_sam2unet.backends.aidlite import AidliteBackend  # noqa: E402
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
@@ -262,7 +263,8 @@ def test_every_shipped_binary_matches_the_cpu(binary):
     recorded = card.raw["qnn"][binary.file.name]
     assert recorded["parity"]["dice"] >= MIN_DICE
     with OnnxBackend(card, threads=2) as cpu, QnnBackend(card, binary=binary, soc=binary.soc) as qnn:
-        inputs = engine_inputs(cpu, [Scan(CT, CT_LABELS)], 3)
+        # the bundled sample MRI: always installed, so CI checks the shipped binaries too
+        inputs = engine_inputs(cpu, [Scan(*sample_paths())], 3)
         reference, got = cpu.predict(inputs), qnn.predict(inputs)
     assert binary.sha256 == sha256_file(binary.file)
     assert dice(reference > 0, got > 0) >= MIN_DICE
