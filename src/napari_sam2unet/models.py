@@ -99,18 +99,20 @@ class ModelCard:
 
     def verify(self) -> None:
         """Check that the model file exists and matches the card's sha256."""
-        if not self.file.is_file():
-            raise ModelError(
-                f"model file {self.file} is missing; reinstall the package or point "
-                f"--model at an existing .onnx"
-            )
-        if self.sha256:
-            actual = sha256_file(self.file)
-            if actual != self.sha256:
-                raise ModelError(
-                    f"model file {self.file.name} is corrupt or was replaced: sha256 {actual[:12]}... "
-                    f"but its card says {self.sha256[:12]}...; re-export it or restore the original"
-                )
+        verify_file(self.file, self.sha256, "model file",
+                    "reinstall the package or point --model at an existing .onnx",
+                    "re-export it or restore the original")
+
+
+def verify_file(path: Path, sha256: str | None, what: str, if_missing: str, if_changed: str) -> None:
+    """A file a card names must exist and, when the card has its sha256, match it (one line each)."""
+    if not path.is_file():
+        raise ModelError(f"{what} {path} is missing; {if_missing}")
+    if sha256:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ModelError(f"{what} {path.name} is corrupt or was replaced: sha256 {actual[:12]}... "
+                             f"but the card says {sha256[:12]}...; {if_changed}")
 
 
 def sha256_file(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from ..models import ModelCard, NpuBinary, sha256_file
+from ..models import ModelCard, NpuBinary, verify_file
 
 # Overrides SoC detection, e.g. SAM2UNET_NPU_SOC=QCS6490 (also the way to pick a binary on a
 # board whose SoC name the kernel does not expose).
@@ -104,18 +104,9 @@ def check_binary(card: ModelCard, binary: NpuBinary) -> None:
             raise ModelError(
                 f"{where}: npu {what}_scale must be > 0 for {dtype} I/O (copy it from the converter's output)"
             )
-    if not binary.file.is_file():
-        raise ModelError(
-            f"QNN context binary {binary.file} is missing; convert the model for the NPU ({DOCS}) "
-            f"or remove its npu entry from the card"
-        )
-    if binary.sha256:
-        actual = sha256_file(binary.file)
-        if actual != binary.sha256:
-            raise ModelError(
-                f"QNN context binary {binary.file.name} is corrupt or was replaced: sha256 {actual[:12]}... "
-                f"but the card says {binary.sha256[:12]}...; copy it again or update the card"
-            )
+    verify_file(binary.file, binary.sha256, "QNN context binary",
+                f"convert the model for the NPU ({DOCS}) or remove its npu entry from the card",
+                "copy it again or update the card")
 
 
 def quantise(values: np.ndarray, binary: NpuBinary) -> np.ndarray:
