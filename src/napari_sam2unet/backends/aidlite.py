@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..models import ModelCard, NpuBinary
-from .base import Backend
+from .base import Backend, checked_batch
 from .qnn_binary import DOCS as _DOCS
 from .qnn_binary import DTYPES, check_binary, dequantise, detect_soc, quantise, select_binary
 
@@ -201,12 +201,8 @@ class AidliteBackend(Backend):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         if self._interpreter is None:
             raise BackendError("the NPU backend was closed; open it again")
-        batch = np.asarray(batch, dtype=np.float32)
+        batch = checked_batch(batch, self._size, "NPU")
         height, width = self._size
-        if batch.ndim != 4 or batch.shape[1:] != (3, height, width):
-            raise BackendError(
-                f"the NPU model takes Nx3x{height}x{width} slices, got {'x'.join(map(str, batch.shape))}"
-            )
         out = np.empty((batch.shape[0], 1, height, width), dtype=np.float32)
         with self._lock:
             for index, image in enumerate(batch):

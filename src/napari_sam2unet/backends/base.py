@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ..errors import BackendError
 from ..models import ModelCard
 
 # The largest batch of a dynamic-batch model in one call: onnxruntime needs about 4 MB a slice
@@ -49,3 +50,14 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.device}) running {self.card.name}"
+
+
+def checked_batch(batch: np.ndarray, size: tuple[int, int], what: str) -> np.ndarray:
+    """The batch as float32 N x 3 x H x W, or one line saying what the model takes instead."""
+    batch = np.asarray(batch, dtype=np.float32)
+    height, width = size
+    if batch.ndim != 4 or batch.shape[1:] != (3, height, width):
+        raise BackendError(
+            f"the {what} model takes Nx3x{height}x{width} slices, got {'x'.join(map(str, batch.shape))}"
+        )
+    return batch

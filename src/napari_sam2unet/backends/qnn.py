@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import BackendError
 from ..models import ModelCard, NpuBinary
 from ..qnn import runtime
-from .base import Backend
+from .base import Backend, checked_batch
 from .qnn_binary import DOCS, check_binary, dequantise, detect_soc, quantise, same_soc, select_binary
 
 _ONNX_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5}  # onnx.TensorProto
@@ -168,12 +168,8 @@ class QnnBackend(Backend):
         session = self._session
         if session is None:
             raise BackendError("the QNN backend was closed; open it again")
-        batch = np.asarray(batch, dtype=np.float32)
+        batch = checked_batch(batch, self._size, "QNN")
         height, width = self._size
-        if batch.ndim != 4 or batch.shape[1:] != (3, height, width):
-            raise BackendError(
-                f"the QNN model takes Nx3x{height}x{width} slices, got {'x'.join(map(str, batch.shape))}"
-            )
         out = np.empty((batch.shape[0], 1, height, width), dtype=np.float32)
         with self._lock:
             for index, image in enumerate(batch):
