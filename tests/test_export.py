@@ -218,6 +218,16 @@ def test_cli_parser():
     assert args.func.__name__ == "run_export"
 
 
+def test_the_torch_pin_in_messages_is_the_one_pyproject_installs():
+    import tomllib
+
+    from napari_sam2unet.errors import TORCH
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert TORCH in extras["export"] and TORCH in extras["train"]
+
+
 def test_import_without_torch():
     """The CLI imports export.py on every run: it must not need torch until it exports."""
     code = (

@@ -23,3 +23,23 @@ class BackendError(Sam2UnetError):
 
 class Cancelled(Sam2UnetError):
     """The user cancelled a run; nothing was written."""
+
+
+# The torch the [export] and [train] extras pin (pyproject.toml; tests/test_export.py checks both).
+TORCH = "torch==2.13.0"
+
+
+def require_torch(purpose: str, extra: str = "export"):
+    """The torch module, or a ModelError that says in one line which extra to install.
+
+    `purpose` starts the message ("exporting", "fine-tuning"); `extra` is the pyproject extra
+    that brings torch (export and train bring the same packages). torch is imported here, on
+    first use, so that the inference library and the CLI start without it.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ModelError(
+            f'{purpose} needs PyTorch: pip install "napari-sam2unet[{extra}]" ({TORCH}, CPU wheels are enough)'
+        ) from None
+    return torch

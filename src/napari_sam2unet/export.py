@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ModelError, require_torch
 from .models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
 
 INPUT_SIZE = 352
@@ -26,14 +26,7 @@ LICENCES = {
 
 
 def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise ModelError(
-            'exporting needs PyTorch; install it with pip install "napari-sam2unet[export]" '
-            "(torch==2.13.0, CPU wheels are enough)"
-        ) from None
-    return torch
+    return require_torch("exporting")
 
 
 def _first_logits_module(model, layout: str):
