@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch", reason="fine-tuning needs the [train] extra
 
 from conftest import build_brightness_model, write_nifti, write_test_card  # noqa: E402
 
-from napari_sam2unet import export  # noqa: E402
+from napari_sam2unet import export, models  # noqa: E402
 from napari_sam2unet.backends import open_backend  # noqa: E402
 from napari_sam2unet.cli import main  # noqa: E402
 from napari_sam2unet.engine import Engine  # noqa: E402
@@ -120,6 +120,24 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data
     assert main(args) == 2
     one_error_line(capsys, "exists", "--overwrite")
     assert out.read_bytes() == before
+
+
+def test_without_a_models_folder_set_models_go_to_the_per_user_folder_that_is_searched(tmp_path, monkeypatch):
+    # models.py owns the default: no widget or command has to set $SAM2UNET_MODELS to find them
+    monkeypatch.delenv("SAM2UNET_MODELS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    user = tmp_path / "data" / "napari-sam2unet" / "models"
+    assert models.models_folder() == user and user in models.search_dirs()
+    out = ft.output_path(None, "sam2unet-compact")
+    assert out.parent == user and out.suffix == ".onnx"
+    user.mkdir(parents=True)
+    write_test_card(build_brightness_model(user / "mine.onnx"))
+    assert "mine" in [card.name for card in list_models()]
+    assert find_model("mine").file == user / "mine.onnx"
+    # $SAM2UNET_MODELS, when set, is where new models go; the per-user folder is still searched
+    monkeypatch.setenv("SAM2UNET_MODELS", str(tmp_path / "elsewhere"))
+    assert models.models_folder() == tmp_path / "elsewhere"
+    assert models.search_dirs()[:2] == [tmp_path / "elsewhere", user]
 
 
 def test_a_label_map_without_labelled_slices_is_refused(shared_data, tmp_path, capsys):

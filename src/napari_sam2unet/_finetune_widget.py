@@ -8,7 +8,6 @@ annotations``: napari reads the ``Viewer`` annotation at runtime.
 """
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,31 +20,21 @@ from napari.utils.notifications import show_error, show_info
 from superqt.utils import create_worker
 
 from .errors import Sam2UnetError
-from .models import DEFAULT_MODEL, MODELS_ENV, list_models, search_dirs
+from .models import DEFAULT_MODEL, MODELS_ENV, list_models, models_folder, search_dirs
 
 log = logging.getLogger(__name__)
 
 ALL_LABELS = 0  # the label value that means "every label in the layer"
 
 
-def default_models_folder() -> Path:
-    """$SAM2UNET_MODELS when set, else a per-user folder (made searchable for this session)."""
-    if os.environ.get(MODELS_ENV):
-        return Path(os.environ[MODELS_ENV]).expanduser()
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "napari-sam2unet" / "models"
-
-
-def make_searchable(folder: Path) -> str | None:
-    """Let discovery find models in `folder` for this session; a note when it had to say so."""
+def not_searched_note(folder: Path) -> str | None:
+    """A note when discovery will not find models in `folder` (models.search_dirs owns the
+    folders searched: $SAM2UNET_MODELS and the per-user folder)."""
     folder = folder.expanduser().resolve()
     if any(folder == d.expanduser().resolve() for d in search_dirs()):
         return None
-    if os.environ.get(MODELS_ENV):
-        return (f"{folder} is not your models folder ({MODELS_ENV}={os.environ[MODELS_ENV]}); "
-                f"open the model from there with 'or model file'")
-    os.environ[MODELS_ENV] = str(folder)
-    return f"set {MODELS_ENV}={folder} to find this model in later sessions"
+    return (f"{folder} is not searched for models; open the model from there with 'or model file', "
+            f"or set {MODELS_ENV}={folder}")
 
 
 class FinetuneWidget(Container):
@@ -68,7 +57,7 @@ class FinetuneWidget(Container):
         self.trunk = ComboBox(label="Trunk", choices=["frozen", "trained"], value="frozen",
                               tooltip="frozen: adapters and decoder train (faster, keeps what the model knew)")
         self.name = LineEdit(label="New model name", value="")
-        self.folder = FileEdit(label="Models folder", mode="d", value=str(default_models_folder()))
+        self.folder = FileEdit(label="Models folder", mode="d", value=str(models_folder()))
         self.run_button = PushButton(text="Fine-tune on my labels")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(label="Status", value="ready")
@@ -177,7 +166,7 @@ class FinetuneWidget(Container):
     def _on_done(self, value):
         result, name = value
         self.result = result
-        note = make_searchable(result.onnx.parent)
+        note = not_searched_note(result.onnx.parent)
         selected = self.select_in_segment_widget(name)
         self.base.reset_choices()
         where = "selected in Segment with SAM2-UNet" if selected else "in the model list of Segment with SAM2-UNet"

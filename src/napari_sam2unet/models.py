@@ -300,12 +300,26 @@ def bundled_models_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "models"
 
 
+def user_models_dir() -> Path:
+    """The per-user models folder ($XDG_DATA_HOME/napari-sam2unet/models): fine-tuned models go
+    here when $SAM2UNET_MODELS is not set, and it is always searched, so they are found later."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share").expanduser()
+    return base / "napari-sam2unet" / "models"
+
+
+def models_folder() -> Path:
+    """Where new models are written by default: $SAM2UNET_MODELS when set, else the user's folder."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV]).expanduser()
+    return user_models_dir()
+
+
 def search_dirs() -> list[Path]:
-    """Where models are found by name: $SAM2UNET_MODELS first, then the bundled models."""
+    """Where models are found by name: $SAM2UNET_MODELS, the per-user folder, the bundled models."""
     dirs = []
     if os.environ.get(MODELS_ENV):
         dirs.append(Path(os.environ[MODELS_ENV]).expanduser())
-    dirs.append(bundled_models_dir())
+    dirs += [user_models_dir(), bundled_models_dir()]
     return dirs
 
 

@@ -22,22 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, require_torch
 from ..models import DEFAULT_MODEL as DEFAULT_NAME
 from ..models import InputSpec
 
 MIN_PIXELS = 4  # a structure smaller than this on a slice gives no training box
 MAX_VALIDATION = 48  # held-out slices scored before and after (evenly spread)
 TRUNK_CHOICES = ("frozen", "trained")
-INSTALL = 'fine-tuning needs PyTorch: pip install "napari-sam2unet[train]" (torch==2.13.0, CPU wheels are enough)'
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise InputError(INSTALL) from None
-    return torch
+    return require_torch("fine-tuning", "train")  # one line saying what to install
 
 
 # --- the base model ----------------------------------------------------------------------------
@@ -494,7 +489,8 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     p.add_argument("--window", default="auto")
     p.add_argument("--out", type=Path, default=None,
-                   help="the .onnx to write, or a folder (default: $SAM2UNET_MODELS); the card goes beside it")
+                   help="the .onnx to write, or a folder (default: $SAM2UNET_MODELS, else "
+                   "~/.local/share/napari-sam2unet/models); the card goes beside it")
     p.add_argument("--name", default=None, help="model name in the card (default: the file's stem)")
     p.add_argument("--steps", type=int, default=Settings.steps)
     p.add_argument("--batch", type=int, default=Settings.batch)
@@ -518,12 +514,10 @@ def _parse_slices(text: str | None) -> list[int] | None:
 
 
 def output_path(out: Path | None, base_name: str) -> Path:
-    from ..models import MODELS_ENV
+    from ..models import models_folder
 
     if out is None:
-        if not os.environ.get(MODELS_ENV):
-            raise InputError(f"give --out (a .onnx or a folder) or set {MODELS_ENV} to your models folder")
-        out = Path(os.environ[MODELS_ENV]).expanduser()
+        out = models_folder()  # $SAM2UNET_MODELS, else the per-user folder: both are searched
     if out.suffix != ".onnx":
         out = out / f"{base_name}-ft-{time.strftime('%Y%m%d-%H%M%S')}.onnx"
     return out
