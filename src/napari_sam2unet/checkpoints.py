@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ModelError, require_torch
 
 SHOW = 5  # how many keys an error message lists
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
@@ -20,17 +20,9 @@ SAM21_MARKERS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight", "obj_ptr_tp
 WRAPPERS = ("model", "state_dict", "model_state_dict", "net")
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise ModelError('loading PyTorch checkpoints needs torch: pip install "napari-sam2unet[export]"') from None
-    return torch
-
-
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     """Read a .pt/.pth file safely (weights only) and return its top-level mapping."""
-    torch = _torch()
+    torch = require_torch("loading checkpoints (.pt/.pth)")
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
@@ -70,7 +62,7 @@ def is_sam21(state: Mapping[str, Any]) -> bool:
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a config's state dict, without allocating weights."""
-    torch = _torch()
+    torch = require_torch("loading checkpoints (.pt/.pth)")
     from .modeling import Sam2Unet
 
     with torch.device("meta"):

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, require_torch
 
 # Largest |logit difference| torch vs onnxruntime accepted for a rebuilt model, per unit of the
 # largest |logit| (at least 1): two fp32 runtimes differ by ~1e-5 of it, a wrong weight by ~1.
 TOLERANCE = 1e-4
 PREFIX = "inner."  # export.py wraps the model as `inner` (first logit map only)
 NOT_IN_GRAPH = ("side1.", "side2.", "up4.")  # unused by the prediction: absent from the ONNX
+PURPOSE = "rebuilding trainable weights from an ONNX file"  # what needs torch, for its message
 
 
 def _no_weights(card, why: str) -> ModelError:
@@ -49,7 +50,7 @@ def config_of(card):
 def model_from_onnx(card):
     """(Sam2Unet in eval mode, largest |logit difference| to the ONNX model) for a model card."""
     import onnx
-    import torch
+    torch = require_torch(PURPOSE, "train")
     from onnx import numpy_helper
 
     from ..modeling import Sam2Unet
@@ -115,7 +116,7 @@ def model_from_onnx(card):
 
 def _conv_bn_pairs(model):
     """(conv, batch norm) module names where a bias-free Conv2d feeds a BatchNorm2d."""
-    import torch
+    torch = require_torch(PURPOSE, "train")
 
     pairs = []
     for parent_name, parent in model.named_modules():
@@ -133,8 +134,8 @@ def _solve_position_embedding(encoder, constant: np.ndarray) -> dict[str, np.nda
     The embedding is linear in both (bicubic resize + tiling), so least squares recovers a pair
     that reproduces it; constants shared by the two are not identifiable and do not matter.
     """
-    import torch
-    import torch.nn.functional as F
+    torch = require_torch(PURPOSE, "train")
+    F = torch.nn.functional
 
     _, height, width, channels = constant.shape
     ph, pw = encoder.pos_embed.shape[-2:]
@@ -156,7 +157,7 @@ def check_against_onnx(model, onnx_path: Path, seed: int = 0) -> tuple[float, fl
     """(largest |logit difference|, largest |logit|) of the torch model against the ONNX file on
     two fixed inputs: random noise in the normalised range of images."""
     import onnxruntime as ort
-    import torch
+    torch = require_torch(PURPOSE, "train")
 
     from ..models import IMAGENET_MEAN, IMAGENET_STD
 

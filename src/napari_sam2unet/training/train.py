@@ -16,25 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, require_torch
 from ..models import InputSpec
 
 EVAL_SIZE = 352  # the model contract; validation always runs at this size
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise InputError(
-            'training needs PyTorch; pip install "napari-sam2unet[export]" (torch==2.13.0)'
-        ) from None
-    return torch
-
-
 def structure_loss(pred, mask):
     """Weighted BCE + weighted IoU, pixels near edges weighted up (as SAM2-UNet upstream)."""
-    torch = _torch()
+    torch = require_torch("training", "train")
     F = torch.nn.functional
     size = mask.shape[-1]
     k = max(3, int(round(31 * size / 352)) | 1)
@@ -50,7 +40,7 @@ def structure_loss(pred, mask):
 
 def load_run_model(path, device, what: str = "checkpoint"):
     """The best EMA weights of a `sam2unet train` run (its best.pt), built as that run's model."""
-    torch = _torch()
+    torch = require_torch("training", "train")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist; give a run's best.pt")
@@ -80,7 +70,7 @@ def distill_loss(teacher, x, outs):
     The teacher's soft maps average out the noise in the targets (outlines grown or shrunk at
     random, faint synthetic lesions), which a model that fits its crops poorly learns from.
     """
-    torch = _torch()
+    torch = require_torch("training", "train")
     with torch.no_grad():
         soft = torch.sigmoid(teacher(x)[0])
     F = torch.nn.functional
@@ -114,7 +104,7 @@ class Ema:
         self.updates = 0
 
     def update(self, model):
-        torch = _torch()
+        torch = require_torch("training", "train")
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
@@ -131,7 +121,7 @@ class Ema:
 
 def dice_scores(model, xs, ys, device, batch=8) -> float:
     """Mean per-crop Dice of thresholded predictions on a fixed crop set."""
-    torch = _torch()
+    torch = require_torch("training", "train")
     model.eval()
     scores = []
     with torch.no_grad():
@@ -180,7 +170,7 @@ def _drop_log_after(path: Path, step: int) -> None:
 
 def train(args) -> Path:
     """Run (or resume) training; returns the path of the best EMA checkpoint."""
-    torch = _torch()
+    torch = require_torch("training", "train")
     from . import data as tdata
 
     out = Path(args.out_dir)
@@ -385,7 +375,7 @@ def _training_args(args, state: dict) -> argparse.Namespace:
 
 def export(args, best_path: Path) -> Path:
     """Export the best EMA weights: ONNX + model card."""
-    torch = _torch()
+    torch = require_torch("training", "train")
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     if args.export_only:
         last = best_path.with_name("last.pt")
