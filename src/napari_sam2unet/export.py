@@ -186,10 +186,14 @@ def export_onnx(
     card_extra: dict[str, Any] | None = None,
     checkpoint: str | os.PathLike | None = None,
     name: str | None = None,
+    optimize: bool = False,
+    calibration: list[Path] | None = None,
 ) -> Path:
     """Export `model` to `out_path` (.onnx), write its model card beside it; return the card path.
 
     `card_extra` is merged into the card (e.g. training data, metrics, channels: multiview).
+    `optimize`: the fastest graph that passes the parity check (optimize.py), calibrated and
+    checked on the `calibration` scans (default: the bundled sample MRI).
     """
     from .modeling import count_parameters
 
@@ -197,7 +201,15 @@ def export_onnx(
     if out_path.suffix != ".onnx":
         raise ModelError(f"the output {out_path} must end in .onnx")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if int8:
+    if optimize:
+        from .optimize import optimize_export
+
+        if int8:
+            raise ModelError("--optimize chooses the precision itself; drop --int8")
+        found = optimize_export(model, out_path, batch, layout, volumes=calibration)
+        _merge(found, card_extra or {})
+        card_extra = found
+    elif int8:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             fp32 = export_fp32(model, Path(tmp) / "fp32.onnx", batch, layout)
             quantize_int8(fp32, out_path)
@@ -227,7 +239,7 @@ def export_qnn_ready(model, out_path: str | os.PathLike, config_name: str, **opt
 
     from .qnn.rewrite import make_qnn_ready
 
-    if options.get("int8"):
+    if options.get("int8") or options.get("optimize"):
         raise ModelError("--target qnn quantises with calibration data in `sam2unet npu build`; drop --int8")
     out_path = Path(out_path)
     card_path = export_onnx(model, out_path, config_name, **{**options, "batch": "1"})
@@ -254,6 +266,18 @@ def add_export_parser(subparsers) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (MatMul)")
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="the fastest CPU graph whose masks agree with fp32 torch (Dice >= 0.97; the card records the check)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="--optimize: NIfTI scans to calibrate and check on (default: the bundled sample MRI)",
+    )
     parser.add_argument("--batch", choices=("dynamic", "1"), default="dynamic")
     parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
     parser.add_argument("--name", default=None, help="model name in the card (default: file stem)")
@@ -287,6 +311,8 @@ def run_export(args) -> int:
         int8=args.int8,
         checkpoint=args.checkpoint,
         name=args.name,
+        optimize=getattr(args, "optimize", False),
+        calibration=getattr(args, "calibration", None),
     )
     print(f"wrote {args.out} and its model card {card_path}")
     return 0

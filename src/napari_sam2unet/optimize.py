@@ -1,0 +1,367 @@
+"""A faster ONNX graph of a SAM2-UNet, kept only if its masks agree with fp32 torch.
+
+`sam2unet export --optimize` calls `optimize_export`: it exports the fp32 graph with padded
+attention windows skipped where that is exact, makes the candidate graphs (static int8 QDQ
+calibrated on real MR slices, dynamic int8 MatMuls, fp32), times each, checks each against
+fp32 torch on other real slices through the CPU backend's session options, and keeps the
+fastest that passes. The figures of the check go into the model card. See
+docs/performance.md section 2 for what each step gains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+
+SIZE = 352
+MIN_DICE = 0.97
+# Calibration and parity slices come from different positions of the same scans.
+CALIBRATION_SLICES = 8
+PARITY_SLICES = 4
+
+
+# --- exact graph changes at export ---------------------------------------------------------
+
+
+def _attend(attn, qkv):
+    """MultiScaleAttention.forward after its qkv Linear and before its proj Linear."""
+    import torch.nn.functional as F
+
+    from .modeling.hiera import pool_tokens
+
+    batch, height, width, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, height * width, 3, attn.num_heads, -1).unbind(2)
+    if attn.q_pool is not None:
+        q = pool_tokens(q.reshape(batch, height, width, -1), attn.q_pool)
+        height, width = q.shape[1], q.shape[2]
+        q = q.reshape(batch, height * width, attn.num_heads, -1)
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return x.transpose(1, 2).reshape(batch, height, width, -1)
+
+
+def _region_attention(attn, qkv, rows: int, cols: int, padded: int):
+    """Attention within the (rows x cols) windows of a region whose windows all lost `padded`
+    tokens to the edge of the map (qkv: B x H x W x 3C of the region's real tokens).
+
+    In the original every padded token's key and value are the qkv bias (the Linear of a zero
+    token), so the `padded` identical keys act as one bias key whose softmax weight counts
+    `padded` times: one extra key with log(padded) added to its score. Padded queries, whose
+    outputs the original crops away, are never computed.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    batch, height, width, c3 = qkv.shape
+    heads, dim = attn.num_heads, c3 // 3 // attn.num_heads
+    win = qkv.reshape(batch, height // rows, rows, width // cols, cols, c3).permute(0, 1, 3, 2, 4, 5)
+    q, k, v = win.reshape(-1, rows * cols, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = None
+    if padded:
+        count = q.shape[0]
+        bias = attn.qkv.bias.reshape(3, 1, heads, 1, dim).expand(3, count, heads, 1, dim)
+        k, v = torch.cat([k, bias[1]], dim=2), torch.cat([v, bias[2]], dim=2)
+        mask = torch.zeros(1, rows * cols + 1, dtype=qkv.dtype)
+        mask[0, -1] = math.log(padded)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    y = y.transpose(1, 2).reshape(batch, height // rows, width // cols, rows, cols, c3 // 3)
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, c3 // 3)
+
+
+def _edge_windows_attention(attn, qkv, window: int):
+    """Windowed attention on a map that windows do not tile, without padding it: the map is cut
+    into up to 2 x 2 regions (whole windows; the last rows; the last columns; the corner), each
+    a grid of equal windows."""
+    import torch
+
+    height, width = qkv.shape[1], qkv.shape[2]
+    cut_h, cut_w = height // window * window, width // window * window
+    bands = []
+    for r0, r1 in ((0, cut_h), (cut_h, height)):
+        parts = []
+        for c0, c1 in ((0, cut_w), (cut_w, width)):
+            if r1 > r0 and c1 > c0:
+                rows, cols = min(window, r1 - r0), min(window, c1 - c0)
+                region = qkv[:, r0:r1, c0:c1]
+                parts.append(_region_attention(attn, region, rows, cols, window * window - rows * cols))
+        if parts:
+            bands.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
+
+
+def _block_forward(self, x):
+    """MultiScaleBlock.forward without work on padded window tokens, where the map is padded.
+
+    Without query pooling, windows are cut at the map's edge (_edge_windows_attention). With
+    it (one block per stage change), qkv runs without bias on the real tokens, the result is
+    zero-padded and the bias added after (a padded token's q, k and v are exactly the bias,
+    as in the original), and proj runs after the padded queries are cropped away. At 352 px
+    Hiera-L's 16-token windows on the 22 x 22 map pad 484 tokens to 1024.
+    """
+    import torch.nn.functional as F
+
+    from .modeling.hiera import from_windows, pad_to_windows, pool_tokens, to_windows
+
+    shortcut = x
+    x = self.norm1(x)
+    if self.dim != self.dim_out:
+        shortcut = pool_tokens(self.proj(x), self.pool)
+    out_h, out_w = shortcut.shape[1], shortcut.shape[2]
+    window, attn = self.window_size, self.attn
+    padded = window > 0 and (x.shape[1] % window or x.shape[2] % window)
+    if padded and not self.q_stride:
+        y = _edge_windows_attention(attn, attn.qkv(x), window)
+    elif window > 0:
+        if padded:
+            qkv = pad_to_windows(F.linear(x, attn.qkv.weight), window) + attn.qkv.bias
+        else:
+            qkv = attn.qkv(x)
+        y = _attend(attn, to_windows(qkv, window))
+        if self.q_stride:
+            window = window // self.q_stride
+        grid = (-(-out_h // window) * window, -(-out_w // window) * window)
+        y = from_windows(y, window, grid)[:, :out_h, :out_w]
+    else:
+        y = _attend(attn, attn.qkv(x))
+    x = shortcut + attn.proj(y)
+    return x + self.mlp(self.norm2(x))
+
+
+@contextlib.contextmanager
+def unpadded_linears(model):
+    """Within the block, every Hiera block runs `_block_forward` (the model is left as it was)."""
+    from .modeling.hiera import MultiScaleBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, MultiScaleBlock)]
+    for block in blocks:
+        block.forward = types.MethodType(_block_forward, block)
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def export_unpadded(model, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
+    """The fp32 export (export.export_fp32) with padded windows skipped in the Linears."""
+    from .export import export_fp32
+
+    with unpadded_linears(model):
+        return export_fp32(model, out_path, batch, layout)
+
+
+# --- real slices -----------------------------------------------------------------------------
+
+
+def real_slices(paths=None, count: int = CALIBRATION_SLICES + PARITY_SLICES) -> np.ndarray:
+    """`count` whole axial slices (N x 3 x 352 x 352) from the middle 60% of each scan, made
+    model inputs by the engine's own preprocessing (window, square crop, resize, normalise).
+    Default: the bundled sample MRI."""
+    from ._sample_data import SAMPLE_IMAGE
+    from .io import read_volume
+    from .models import InputSpec
+    from .preprocess import crop_for_slice, plan_views, sample_crop, to_model_input
+
+    paths = [Path(p) for p in (paths or [SAMPLE_IMAGE])]
+    spec, out = InputSpec(), []
+    for index, path in enumerate(paths):
+        volume = read_volume(path)
+        views = plan_views(volume.data, "auto", "replicate")
+        depth = volume.data.shape[2]
+        share = count // len(paths) + (index < count % len(paths))
+        for k in np.linspace(0.2 * depth, 0.8 * (depth - 1), share).astype(int):
+            plane = volume.data[:, :, k]
+            crop = crop_for_slice(plane.shape, volume.spacing[:2], spec.crop)
+            out.append(to_model_input(sample_crop(plane, crop, (SIZE, SIZE)), views, spec))
+    return np.stack(out).astype(np.float32)
+
+
+def split_slices(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, parity): every third slice is held out for the parity check."""
+    held = np.arange(len(slices)) % 3 == 1
+    return slices[~held], slices[held]
+
+
+# --- candidate graphs ----------------------------------------------------------------------
+
+
+def activation_matmuls(onnx_path: Path) -> list[str]:
+    """MatMul nodes with no constant input: attention's scores and weighted sum."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not constants & set(n.input)]
+
+
+class _Slices:
+    """onnxruntime's calibration reader over an N x 3 x H x W array, one slice a batch."""
+
+    def __init__(self, slices: np.ndarray, name: str = "image", layout: str = "nchw"):
+        self.items = iter([{name: _layout(s[None], layout)} for s in slices])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def quantize_qdq(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    conv: bool = False,
+    attention: bool = False,
+    layout: str = "nchw",
+) -> Path:
+    """Static int8 (QDQ): uint8 activations (asymmetric, min/max over the calibration slices),
+    int8 weights per output channel, no reduced range (VNNI has no overflow to avoid).
+    `attention`: also the activation x activation MatMuls; `conv`: also the convolutions."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    ops = ["MatMul", "Conv"] if conv else ["MatMul"]
+    quantize_static(
+        str(fp32_path),
+        str(out_path),
+        _Slices(calibration, layout=layout),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=ops,
+        per_channel=True,
+        reduce_range=False,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=[] if attention else activation_matmuls(fp32_path),
+        # MinMax keeps only each tensor's min and max per slice (small even for Hiera-L).
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return out_path
+
+
+# --- timing and parity ---------------------------------------------------------------------
+
+
+def _layout(batch: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(batch.transpose(0, 2, 3, 1)) if layout == "nhwc" else batch
+
+
+def session(onnx_path: Path, threads: int = 2):
+    """A CPU session with the CPU backend's options (backends/onnx.py)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def logits(sess, slices: np.ndarray, layout: str = "nchw") -> np.ndarray:
+    """N x 1 x H x W logits, one slice a run (as the engine runs a batch-1 model)."""
+    name = sess.get_inputs()[0].name
+    out = [sess.run(None, {name: _layout(s[None], layout)})[0] for s in slices]
+    return np.concatenate(out).reshape(len(slices), 1, SIZE, SIZE)
+
+
+def latency_ms(sess, repeats: int = 5, layout: str = "nchw") -> float:
+    """Median ms of one batch-1 run after a warm-up."""
+    x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    logits(sess, x, layout)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        logits(sess, x, layout)
+        times.append(time.perf_counter() - began)
+    return 1000 * float(np.median(times))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def parity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Masks of a candidate's logits against the reference's: at the card's threshold (logit 0)
+    and at the reference's median logit (half the pixels: a model with random weights puts no
+    object anywhere, and agreement on two empty masks proves nothing). `dice` is the lower."""
+    cut = float(np.median(reference))
+    at_zero = dice(candidate > 0, reference > 0)
+    at_median = dice(candidate > cut, reference > cut)
+    return {
+        "dice": min(at_zero, at_median),
+        "dice_at_threshold": at_zero,
+        "dice_at_median": at_median,
+        "max_abs_logit_diff": float(np.abs(candidate - reference).max()),
+    }
+
+
+# --- the whole step ------------------------------------------------------------------------
+
+
+def reference_logits(model, slices: np.ndarray) -> np.ndarray:
+    """fp32 torch logits of the model as trained (its own forward), one slice at a time."""
+    import torch
+
+    model = model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(s[None]))[0].numpy() for s in slices])
+
+
+def candidates(fp32: Path, workdir: Path, calibration: np.ndarray, layout: str) -> dict[str, Path]:
+    """The graphs to try, by card precision name."""
+    from .export import quantize_int8
+
+    out = {"fp32": fp32}
+    out["int8-qdq (MatMul)"] = quantize_qdq(fp32, workdir / "qdq.onnx", calibration, layout=layout)
+    out["int8-dynamic (MatMul)"] = quantize_int8(fp32, workdir / "dynamic.onnx")
+    return out
+
+
+def optimize_export(
+    model,
+    out_path: Path,
+    batch: str = "dynamic",
+    layout: str = "nchw",
+    volumes=None,
+    threads: int = 2,
+    min_dice: float = MIN_DICE,
+) -> dict[str, Any]:
+    """Write the fastest candidate graph that passes the parity check to `out_path`; return
+    what the card records (precision, the check's figures, every candidate's time and Dice)."""
+    calibration, held_out = split_slices(real_slices(volumes))
+    reference = reference_logits(model, held_out)
+    tried: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout)
+        graphs = candidates(fp32, Path(tmp), calibration, layout)
+        for name, path in graphs.items():
+            sess = session(path, threads)
+            tried[name] = {"ms_per_slice": round(latency_ms(sess, layout=layout), 1)}
+            tried[name].update(_rounded(parity(logits(sess, held_out, layout), reference)))
+            del sess
+        passing = [n for n in graphs if tried[n]["dice"] >= min_dice]
+        if not passing:
+            raise ModelError(f"no optimised graph agrees with fp32 torch (Dice {tried}); export without --optimize")
+        best = min(passing, key=lambda n: tried[n]["ms_per_slice"])
+        shutil.move(str(graphs[best]), out_path)
+    return {
+        "architecture": {"precision": best},
+        "optimization": {
+            "chosen": best,
+            "threads": threads,
+            "parity": {"against": "fp32 torch", "slices": int(len(held_out)), "min_dice": min_dice, **tried[best]},
+            "candidates": tried,
+        },
+    }
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: float(f"{v:.4g}") for k, v in values.items()}

@@ -1,0 +1,112 @@
+"""export --optimize: the exact window rewrites, and the optimised graph's parity with fp32 torch
+through real onnxruntime sessions, as its card records it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="export tests need the [export] extra (torch)")
+pytest.importorskip("onnx", reason="export tests need the [export] extra (onnx)")
+
+from napari_sam2unet import optimize  # noqa: E402
+from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
+from napari_sam2unet.errors import ModelError  # noqa: E402
+from napari_sam2unet.export import add_export_parser, export_onnx  # noqa: E402
+from napari_sam2unet.modeling import build_sam2unet  # noqa: E402
+from napari_sam2unet.modeling.configs import tiny_test_config  # noqa: E402
+from napari_sam2unet.models import load_card, sha256_file  # noqa: E402
+
+# The full structure in small: block 4 has 8-token windows on the 22 x 22 map (padded, no
+# query pooling), block 6 pools queries in padded windows, block 5 is global.
+CONFIG = tiny_test_config(stages=(1, 2, 3, 1), global_att_blocks=(5,))
+
+
+@pytest.fixture(scope="module")
+def slices() -> np.ndarray:
+    """Real slices of the bundled sample MRI through the engine's preprocessing."""
+    return optimize.real_slices()
+
+
+@pytest.fixture(scope="module")
+def model(slices):
+    """Random weights with BatchNorm statistics measured on real slices: fresh statistics leave
+    the logits nearly constant, and parity on a constant map proves nothing."""
+    torch.manual_seed(0)
+    net = build_sam2unet(CONFIG)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(slices[:4]))
+    return net.eval()
+
+
+def test_unpadded_windows_are_exact(model, slices, monkeypatch):
+    """The export-time block forward gives the model's own logits, with non-zero Linear biases
+    (the padded tokens' keys and values), takes both padded paths, and is undone afterwards."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.bias, std=0.5, generator=torch.Generator().manual_seed(1))
+    x = torch.from_numpy(slices[:1])
+    cut_windows = []
+    region = optimize._region_attention
+    monkeypatch.setattr(optimize, "_region_attention", lambda *a: cut_windows.append(a[-1]) or region(*a))
+    with torch.no_grad():
+        before = model(x)[0]
+        with optimize.unpadded_linears(model):
+            rewritten = model(x)[0]
+        after = model(x)[0]
+    assert any(padded > 0 for padded in cut_windows)  # block 4's edge windows
+    scale = float(before.abs().max())
+    assert float((rewritten - before).abs().max()) <= 1e-5 * scale
+    assert torch.equal(before, after)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def optimized(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("optimized") / "test_opt.onnx"
+    return export_onnx(model, out, CONFIG.name, optimize=True)
+
+
+def test_card_records_the_parity_check(optimized):
+    card = load_card(optimized)
+    raw = card.raw
+    found = raw["optimization"]
+    assert card.sha256 == sha256_file(card.file)
+    assert found["chosen"] == raw["architecture"]["precision"]
+    assert set(found["candidates"]) == {"fp32", "int8-qdq (MatMul)", "int8-dynamic (MatMul)"}
+    assert found["candidates"]["fp32"]["dice"] == 1.0  # the rewrites change no mask
+    assert found["parity"]["dice"] >= optimize.MIN_DICE
+    assert found["parity"]["slices"] == optimize.PARITY_SLICES
+    times = {name: c["ms_per_slice"] for name, c in found["candidates"].items() if c["dice"] >= optimize.MIN_DICE}
+    assert found["parity"]["ms_per_slice"] == min(times.values())
+
+
+def test_optimized_graph_agrees_with_torch_through_the_backend(model, slices, optimized):
+    """The written graph, run by the engine's CPU backend on the held-out slices, gives the
+    figures the card claims: masks agreeing with fp32 torch at Dice >= 0.97."""
+    _, held_out = optimize.split_slices(slices)
+    reference = optimize.reference_logits(model, held_out)
+    backend = OnnxBackend(load_card(optimized))
+    logits = np.concatenate([backend.predict(s[None]) for s in held_out])
+    check = optimize.parity(logits, reference)
+    claimed = load_card(optimized).raw["optimization"]["parity"]
+    assert check["dice"] >= optimize.MIN_DICE
+    assert check["dice"] == pytest.approx(claimed["dice"], abs=2e-4)
+    assert check["max_abs_logit_diff"] == pytest.approx(claimed["max_abs_logit_diff"], rel=1e-2, abs=1e-5)
+
+
+def test_cli_flags(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers())
+    args = parser.parse_args(["export", "m.pt", "--out", "m.onnx", "--optimize", "--calibration", "a.nii.gz"])
+    assert args.optimize and args.calibration == [Path("a.nii.gz")]
+    with pytest.raises(ModelError, match="drop --int8"):
+        export_onnx(build_sam2unet(CONFIG), tmp_path / "m.onnx", "test", int8=True, optimize=True)
