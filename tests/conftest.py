@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from napari_sam2unet.models import ModelCard, load_card, sha256_file, write_card
+from napari_sam2unet.models import INPUT_SIZE, InputSpec, ModelCard, card_fields, load_card, write_card
 
 # The same examples on every run: CI must not turn red on a run's random draw. (A randomised
 # run once found crop_for_box rounding a hair inside a box; that example is now fixed.)
@@ -46,17 +46,8 @@ def build_brightness_model(path: Path, size: int = 352, batch: int | str = "N", 
 
 def write_test_card(onnx_path: Path, **input_overrides) -> ModelCard:
     """A model card beside a test model, with the official preprocessing unless overridden."""
-    size = 352
-    data = {
-        "name": onnx_path.stem,
-        "file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
-        "input": {"shape": [-1, 3, size, size], "layout": "nchw", "name": "image", **input_overrides},
-        "output": {"shape": [-1, 1, size, size]},
-        "threshold": 0.5,
-        "licence": "test model",
-    }
-    write_card(data, onnx_path.with_suffix(".yaml"))
+    spec = InputSpec(**{"shape": (-1, 3, INPUT_SIZE, INPUT_SIZE), "name": "image", **input_overrides})
+    write_card({**card_fields(onnx_path, spec), "licence": "test model"}, onnx_path.with_suffix(".yaml"))
     return load_card(onnx_path.with_suffix(".yaml"))
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, require_torch
-from .models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
+from .models import INPUT_SIZE, InputSpec, card_fields, sha256_file, write_card
 
-INPUT_SIZE = 352
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 OPSET = 18
@@ -128,34 +127,15 @@ def card_dict(
     """The model card contents for an exported file (see models.py for the format)."""
     n = -1 if batch == "dynamic" else 1
     size = INPUT_SIZE
-    in_shape = [n, 3, size, size] if layout == "nchw" else [n, size, size, 3]
-    # The card's output shape is always NCHW: the backend reads an NHWC model's
-    # N x H x W x 1 output as the same single map.
-    out_shape = [n, 1, size, size]
-    card: dict[str, Any] = {
-        "name": name,
-        "file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
-        "input": {
-            "shape": in_shape,
-            "layout": layout,
-            "name": INPUT_NAME,
-            "scale": 1 / 255,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "channels": "replicate",
-            "crop": "square",
-            "margin": 0.15,
-        },
-        "output": {"name": OUTPUT_NAME, "shape": out_shape},
-        "threshold": 0.5,
-        "architecture": {
-            "family": "sam2unet",
-            "config": config_name,
-            "parameters": int(parameters),
-            "precision": "int8-dynamic (MatMul)" if int8 else "fp32",
-            "opset": OPSET,
-        },
+    shape = (n, 3, size, size) if layout == "nchw" else (n, size, size, 3)
+    # The official preprocessing (InputSpec's defaults); the card's output is NCHW for either layout.
+    card = card_fields(onnx_path, InputSpec(shape=shape, layout=layout, name=INPUT_NAME), name, OUTPUT_NAME)
+    card["architecture"] = {
+        "family": "sam2unet",
+        "config": config_name,
+        "parameters": int(parameters),
+        "precision": "int8-dynamic (MatMul)" if int8 else "fp32",
+        "opset": OPSET,
     }
     if checkpoint is not None:
         card["source"] = {

@@ -11,7 +11,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHANNEL_MODES = ("replicate", "multiview")
 CROP_MODES = ("square", "box_aspect")
 LAYOUTS = ("nchw", "nhwc")
+# The SAM2-UNet contract and the card defaults, here only: InputSpec and ModelCard take them as
+# defaults and card_fields writes them into the cards this package makes.
+INPUT_SIZE = 352  # input height and width
+MARGIN = 0.15  # crop margin on each side of the box, as a fraction of its side
+THRESHOLD = 0.5  # probability above which a pixel is in the mask
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """How a slice becomes the model's input tensor."""
 
-    shape: tuple[int, int, int, int] = (1, 3, 352, 352)  # batch may be -1 (dynamic)
+    shape: tuple[int, int, int, int] = (1, 3, INPUT_SIZE, INPUT_SIZE)  # batch may be -1 (dynamic)
     layout: str = "nchw"
     scale: float = 1 / 255
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channels: str = "replicate"  # replicate: one window x3; multiview: three intensity views
     crop: str = "square"  # square: square crop around the box; box_aspect: the box's own shape
-    margin: float = 0.15  # crop margin on each side, as a fraction of the box side
+    margin: float = MARGIN
     name: str | None = None  # ONNX input name; None: the first input
 
     @property
@@ -83,8 +88,8 @@ class ModelCard:
     name: str
     file: Path
     input: InputSpec = field(default_factory=InputSpec)
-    output_shape: tuple[int, int, int, int] = (1, 1, 352, 352)
-    threshold: float = 0.5
+    output_shape: tuple[int, int, int, int] = (1, 1, INPUT_SIZE, INPUT_SIZE)
+    threshold: float = THRESHOLD
     # Average the logits of the slice and its three flips (4x the model's work, steadier edges).
     flip_average: bool = False
     sha256: str | None = None
@@ -242,8 +247,8 @@ def card_from_dict(data: dict[str, Any], card_path: Path) -> ModelCard:
         name=str(data.get("name", card_path.stem)),
         file=base / data["file"],
         input=input_spec,
-        output_shape=_shape(output.get("shape", (1, 1, 352, 352)), "output.shape", card_path, 1, "nchw"),
-        threshold=_number(data.get("threshold", 0.5), "threshold", card_path, 0, 1),
+        output_shape=_shape(output.get("shape", ModelCard.output_shape), "output.shape", card_path, 1, "nchw"),
+        threshold=_number(data.get("threshold", ModelCard.threshold), "threshold", card_path, 0, 1),
         flip_average=flip,
         sha256=_sha256(data.get("sha256"), "sha256", card_path),
         card_path=card_path,
@@ -282,6 +287,24 @@ def load_card(path: str | os.PathLike) -> ModelCard:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def card_fields(onnx_path: Path, spec: InputSpec = InputSpec(), name: str | None = None,
+                output_name: str | None = None) -> dict[str, Any]:
+    """The fields every card this package writes starts with: name, file, sha256, every input
+    field (the official preprocessing unless `spec` says otherwise), the output (one NCHW map of
+    the input's size, whatever the layout) and the threshold. Writers add the rest."""
+    height, width = spec.size
+    inputs = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(spec).items()}
+    output = {"name": output_name, "shape": [spec.shape[0], 1, height, width]}
+    return {
+        "name": name or onnx_path.stem,
+        "file": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "input": {key: value for key, value in inputs.items() if value is not None},
+        "output": {key: value for key, value in output.items() if value is not None},
+        "threshold": THRESHOLD,
+    }
 
 
 def write_card(data: dict[str, Any], path: str | os.PathLike) -> Path:
