@@ -12,14 +12,15 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, require_torch
-from ..models import InputSpec
+from ..models import INPUT_SIZE, MARGIN, InputSpec
 
-EVAL_SIZE = 352  # the model contract; validation always runs at this size
+EVAL_SIZE = INPUT_SIZE  # the model contract; validation always runs at this size
 
 
 def structure_loss(pred, mask):
@@ -27,7 +28,7 @@ def structure_loss(pred, mask):
     torch = require_torch("training", "train")
     F = torch.nn.functional
     size = mask.shape[-1]
-    k = max(3, int(round(31 * size / 352)) | 1)
+    k = max(3, int(round(31 * size / EVAL_SIZE)) | 1)
     weight = 1 + 5 * torch.abs(F.avg_pool2d(mask, k, stride=1, padding=k // 2) - mask)
     bce = F.binary_cross_entropy_with_logits(pred, mask, reduction="none")
     bce = (weight * bce).sum((2, 3)) / weight.sum((2, 3))
@@ -175,30 +176,100 @@ def train(args) -> Path:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device = _device(torch, args)
+    spec, splits = _training_data(args)
+    run = _start_run(torch, args, device, out)
+    teacher = load_teacher(args.teacher, device) if args.teacher else None
+    validation = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), splits["validation"], n=args.val_crops)
+    _drop_log_after(out / "log.jsonl", run.step)
+    log = open(out / "log.jsonl", "a")
+    crops = _Crops(args, spec, splits["train"])
+    meter = _Meter()
+    try:
+        while run.step < args.steps:
+            size, x, y = crops.get(run.step)
+            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            loss = _step(torch, run, args, x, y, teacher)
+            run.step += 1
+            meter.add(x.shape[0], loss)
+            validate = run.step % args.val_every == 0 or run.step == args.steps
+            if run.step % args.log_every == 0 or validate:
+                line, rate, elapsed = meter.line(run.step, size, _lr(run.step - 1, args))
+                if validate:
+                    line["val_dice"] = _validate(torch, run, args, validation, device, out)
+                run.history.append(line)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                val = f" val Dice {line['val_dice']:.3f} (best {run.best:.3f})" if "val_dice" in line else ""
+                print(
+                    f"step {run.step}/{args.steps} {size}px loss {line['loss']:.3f} "
+                    f"{rate:.1f} crops/s {elapsed / 60:.1f} min{val}",
+                    flush=True,
+                )
+    finally:
+        crops.close()
+        log.close()
+    _save_atomic(torch, run.checkpoint(torch, args), out / "last.pt")
+    return out / "best.pt"
+
+
+def _device(torch, args):
+    """The device to train on; torch's threads and both seeds set."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    spec = input_spec(args)
+    return device
+
+
+def _training_data(args) -> tuple[InputSpec, dict]:
+    """The input spec and the cases by split. Every training case is read once here: a bad file
+    stops the run with its name, before any step (the crop stream reads them again in its own
+    process)."""
+    from .data import load_sources
+
     splits = training_cases(args)
-    # Read every training case once here: a bad file stops the run with its name, before any
-    # step (the crop stream reads them again in its own process).
-    tdata.load_sources(splits["train"])
+    load_sources(splits["train"])
+    return input_spec(args), splits
+
+
+@dataclass
+class _Run:
+    """The model, its EMA and optimiser, and how far the run has come: what last.pt holds."""
+
+    model: object
+    ema: Ema
+    opt: object
+    step: int = 0
+    best: float = -1.0  # the best validation Dice so far
+    history: list = field(default_factory=list)  # the log lines
+
+    def checkpoint(self, torch, args) -> dict:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "ema_updates": self.ema.updates,
+            "opt": self.opt.state_dict(), "step": self.step, "best": self.best, "history": self.history,
+            "torch_rng": torch.get_rng_state(), "args": saved_args(args),
+        }
+
+    def resume(self, torch, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.ema.updates = state["ema_updates"]
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.best, self.history = state["step"], state["best"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _start_run(torch, args, device, out: Path) -> _Run:
+    """A new model and optimiser, or with --resume the run in `out` where its last.pt left it."""
     model = build_model(args.arch, args.config).to(device)
     ema = Ema(model, args.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, best, history = 0, -1.0, []
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    run = _Run(model, ema, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay))
+    last_path = out / "last.pt"
     if args.resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        ema.updates = state["ema_updates"]
-        opt.load_state_dict(state["opt"])
-        step, best, history = state["step"], state["best"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resumed from {last_path} at step {step}", flush=True)
+        run.resume(torch, torch.load(last_path, map_location=device, weights_only=False))
+        print(f"resumed from {last_path} at step {run.step}", flush=True)
     elif args.resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
     elif last_path.is_file():
@@ -207,80 +278,83 @@ def train(args) -> Path:
             f"{out} already holds a training run ({last_path.name}); pass --resume to continue it "
             "or choose another --out-dir"
         )
-    teacher = load_teacher(args.teacher, device) if args.teacher else None
-    vx, vy = tdata.validation_set(spec, (EVAL_SIZE, EVAL_SIZE), splits["validation"], n=args.val_crops)
-    _drop_log_after(out / "log.jsonl", step)
-    log = open(out / "log.jsonl", "a")
+    return run
 
-    def save(path):
-        _save_atomic(torch, {
-            "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-            "opt": opt.state_dict(), "step": step, "best": best, "history": history,
-            "torch_rng": torch.get_rng_state(), "args": saved_args(args),
-        }, path)
 
-    stream, stream_phase = None, None
-    start, seen, t_last = time.time(), 0, time.time()
-    losses = []
-    try:
-        while step < args.steps:
-            phase = _phase(step, args)
-            if phase != stream_phase:
-                if stream:
-                    stream.close()
-                # The data stream is seeded by (seed, step): a resumed run is reproducible too.
-                stream = tdata.CropStream(args.seed * 100003 + step, spec, (phase[0],) * 2, phase[1], splits["train"])
-                stream_phase = phase
-            x, y = stream.get()
-            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            for group in opt.param_groups:
-                group["lr"] = _lr(step, args)
-            model.train()
-            # The plain U-Net returns its one map three times; SAM2-UNet's three heads all learn.
-            outs = model(x)[: 1 if args.arch == "unet" else 3]
-            loss = sum(structure_loss(o, y) for o in outs)
-            if teacher is not None:
-                loss = loss + args.distill_weight * distill_loss(teacher, x, outs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            ema.update(model)
-            step += 1
-            seen += x.shape[0]
-            losses.append(loss.item())
-            validate = step % args.val_every == 0 or step == args.steps
-            if step % args.log_every == 0 or validate:
-                now = time.time()
-                rate = seen / (now - t_last)
-                elapsed = now - start
-                line = {
-                    "step": step, "size": phase[0], "loss": float(np.mean(losses)),
-                    "lr": _lr(step - 1, args), "crops_per_s": round(rate, 1), "elapsed_s": round(elapsed),
-                }
-                losses, seen, t_last = [], 0, now
-                if validate:
-                    line["val_dice"] = dice_scores(ema.model, vx, vy, device)
-                    if line["val_dice"] > best:
-                        best = line["val_dice"]
-                        _save_atomic(torch, {"ema": ema.model.state_dict(), "step": step, "val_dice": best,
-                                             "args": saved_args(args)}, best_path)
-                    save(last_path)
-                history.append(line)
-                log.write(json.dumps(line) + "\n")
-                log.flush()
-                val = f" val Dice {line['val_dice']:.3f} (best {best:.3f})" if "val_dice" in line else ""
-                print(
-                    f"step {step}/{args.steps} {phase[0]}px loss {line['loss']:.3f} "
-                    f"{rate:.1f} crops/s {elapsed / 60:.1f} min{val}",
-                    flush=True,
-                )
-    finally:
-        if stream:
-            stream.close()
-        log.close()
-    save(last_path)
-    return best_path
+class _Crops:
+    """Training batches: a crop stream, opened again whenever the phase (crop size, batch) changes."""
+
+    def __init__(self, args, spec: InputSpec, cases: list):
+        self.args, self.spec, self.cases = args, spec, cases
+        self.stream, self.phase = None, None
+
+    def get(self, step: int):
+        """(crop size, images, masks) for a step."""
+        from .data import CropStream
+
+        phase = _phase(step, self.args)
+        if phase != self.phase:
+            self.close()
+            # The data stream is seeded by (seed, step): a resumed run is reproducible too.
+            self.stream = CropStream(self.args.seed * 100003 + step, self.spec, (phase[0],) * 2, phase[1], self.cases)
+            self.phase = phase
+        return (phase[0], *self.stream.get())
+
+    def close(self) -> None:
+        if self.stream:
+            self.stream.close()
+
+
+def _step(torch, run: _Run, args, x, y, teacher) -> float:
+    """One optimiser step on a batch (and the EMA's); returns the loss."""
+    for group in run.opt.param_groups:
+        group["lr"] = _lr(run.step, args)
+    run.model.train()
+    # The plain U-Net returns its one map three times; SAM2-UNet's three heads all learn.
+    outs = run.model(x)[: 1 if args.arch == "unet" else 3]
+    loss = sum(structure_loss(o, y) for o in outs)
+    if teacher is not None:
+        loss = loss + args.distill_weight * distill_loss(teacher, x, outs)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.opt.step()
+    run.ema.update(run.model)
+    return loss.item()
+
+
+class _Meter:
+    """Mean loss and speed since the last log line, time since the start."""
+
+    def __init__(self):
+        self.start = self.since = time.time()
+        self.seen, self.losses = 0, []
+
+    def add(self, crops: int, loss: float) -> None:
+        self.seen += crops
+        self.losses.append(loss)
+
+    def line(self, step: int, size: int, lr: float) -> tuple[dict, float, float]:
+        """(log line, crops per second, seconds since the start); starts the next interval."""
+        now = time.time()
+        rate, elapsed = self.seen / (now - self.since), now - self.start
+        line = {
+            "step": step, "size": size, "loss": float(np.mean(self.losses)),
+            "lr": lr, "crops_per_s": round(rate, 1), "elapsed_s": round(elapsed),
+        }
+        self.seen, self.losses, self.since = 0, [], now
+        return line, rate, elapsed
+
+
+def _validate(torch, run: _Run, args, validation, device, out: Path) -> float:
+    """Validation Dice of the EMA weights; best.pt when it is the best so far, last.pt always."""
+    dice = dice_scores(run.ema.model, *validation, device)
+    if dice > run.best:
+        run.best = dice
+        _save_atomic(torch, {"ema": run.ema.model.state_dict(), "step": run.step, "val_dice": dice,
+                             "args": saved_args(args)}, out / "best.pt")
+    _save_atomic(torch, run.checkpoint(torch, args), out / "last.pt")
+    return dice
 
 
 def saved_args(args) -> dict:
@@ -317,7 +391,6 @@ def card_extra(args, best_state) -> dict:
     """What the card says about the model's input and training (metrics are added by eval)."""
     return {
         "input": {"channels": args.channels, "crop": args.crop, "margin": args.margin},
-        "threshold": 0.5,
         "licence": "Apache-2.0",
         "task": "class-agnostic box-steered segmentation of one structure per box on an MRI or CT slice",
         "training": {
@@ -399,19 +472,13 @@ def export(args, best_path: Path) -> Path:
 
 def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
     """Export a plain torch model (first output only) with a card."""
-    from ..export import _first_logits_module, _merge, trace_onnx
-    from ..models import IMAGENET_MEAN, IMAGENET_STD, sha256_file, write_card
+    from ..export import INPUT_NAME, OUTPUT_NAME, _first_logits_module, _merge, trace_onnx
+    from ..models import card_fields, write_card
 
     trace_onnx(_first_logits_module(model, "nchw").eval(), onnx_path)
-    card = {
-        "name": name or onnx_path.stem,
-        "file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
-        "input": {"shape": [-1, 3, EVAL_SIZE, EVAL_SIZE], "layout": "nchw", "name": "image",
-                  "scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "output": {"name": "logits", "shape": [-1, 1, EVAL_SIZE, EVAL_SIZE]},
-        "architecture": {"family": "plain-unet", "parameters": sum(p.numel() for p in model.parameters())},
-    }
+    spec = InputSpec(shape=(-1, 3, EVAL_SIZE, EVAL_SIZE), name=INPUT_NAME)
+    card = card_fields(onnx_path, spec, name, OUTPUT_NAME)
+    card["architecture"] = {"family": "plain-unet", "parameters": sum(p.numel() for p in model.parameters())}
     _merge(card, extra)
     return write_card(card, onnx_path.with_suffix(".yaml"))
 
@@ -448,7 +515,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--channels", choices=("replicate", "multiview"), default="multiview")
     p.add_argument("--crop", choices=("square", "box_aspect"), default="box_aspect")
-    p.add_argument("--margin", type=float, default=0.15)
+    p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-crops", type=int, default=160)
     p.add_argument("--val-every", type=int, default=200)
