@@ -721,12 +721,7 @@ class SegmentWidget(Container):
             return
         obj.engine, obj.image, obj.axis = engine, job["image"], job["axis"]
         obj.prompts = job["drawn"]
-        if obj.result is not None and obj.result.key == result.key:
-            obj.result.slices.update(result.slices)  # more slices of the same object
-            obj.result.threshold = result.threshold
-            obj.result.stops = result.stops
-        else:
-            obj.result = result  # a first run, or on another volume/axis/model: earlier slices stay as labels
+        obj.add_result(result)
         # Slices written while the run went need no second write: only the last batch's.
         self._write(obj, step, {k: s.mask for k, s in result.slices.items() if k not in step.before})
         step.close()
@@ -933,18 +928,13 @@ class SegmentWidget(Container):
         segmented = set(obj.result.slices) if editable else set()
         added = [p for p in changed if p in set(now)]
         # From the cache when the model already saw every new point; else the model, if allowed.
-        cached = editable and touched <= segmented and all(self._covers(obj, p) for p in added)
+        cached = editable and touched <= segmented and all(obj.covers(p) for p in added)
         if cached and touched:
             self._refine(sorted(touched))
         elif self.auto_run.value and any(p.slice == current_slice(self.viewer, image, axis) for p in changed):
             self._auto_run()
         elif touched & segmented:
             self._refine(sorted(touched & segmented))
-
-    def _covers(self, obj: SegObject, point) -> bool:
-        """Whether a point lies in a crop the model saw on its slice (else it needs the model)."""
-        return any(t.crop.r0 <= point.i < t.crop.r1 and t.crop.c0 <= point.j < t.crop.c1
-                   for t in obj.result.slices[point.slice].tasks)
 
     def _on_boxes_changed(self, event=None):
         if self._quiet or not self.auto_run.value:

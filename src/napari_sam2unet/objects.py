@@ -67,6 +67,21 @@ class SegObject:
             state.result.slices = dict(state.slices)
             state.result.threshold = state.threshold
 
+    def add_result(self, result) -> None:
+        """A run's result: more slices of the same result (same volume, views, axis and model), or,
+        on anything else, the result from now on (earlier slices stay as labels)."""
+        if self.result is not None and self.result.key == result.key:
+            self.result.slices.update(result.slices)
+            self.result.threshold = result.threshold
+            self.result.stops = result.stops
+        else:
+            self.result = result
+
+    def covers(self, point) -> bool:
+        """Whether a point lies in a crop the model saw on its slice (else it needs the model)."""
+        return any(t.crop.r0 <= point.i < t.crop.r1 and t.crop.c0 <= point.j < t.crop.c1
+                   for t in self.result.slices[point.slice].tasks)
+
     def new_slice_values(self, k: int, current: np.ndarray, mask: np.ndarray, axis: int = 2) -> np.ndarray:
         """Slice k with this object's mask written: it grows over free voxels, shrinks back to free."""
         base = self.base.setdefault((axis, k), np.array(current, copy=True))
