@@ -66,6 +66,28 @@ def test_undo_restores_the_objects_prompts_and_result_too():
     assert len(obj.prompts.boxes) == 2
 
 
+def test_a_run_adds_slices_to_a_result_of_the_same_volume_and_replaces_one_of_another():
+    from types import SimpleNamespace
+
+    from napari_sam2unet.engine import SegmentationResult, SliceResult
+
+    def result(key, slices, threshold=0.5):
+        return SegmentationResult((6, 5, 4), 2, threshold, {k: SliceResult([], np.ones((6, 5), bool)) for k in slices},
+                                  key=key)
+
+    obj = SegObject(label=1)
+    obj.add_result(result("volume a", [0, 1]))
+    obj.add_result(result("volume a", [3], threshold=0.3))
+    assert sorted(obj.result.slices) == [0, 1, 3] and obj.result.threshold == 0.3
+    other = result("volume b", [2])
+    obj.add_result(other)
+    assert obj.result is other and sorted(obj.result.slices) == [2]
+    # a point needs the model unless it lies in a crop the model saw on its slice
+    crop = SimpleNamespace(r0=1, r1=4, c0=0, c1=3)
+    other.slices[2].tasks = [SimpleNamespace(crop=crop)]
+    assert obj.covers(Point(2, 1, 2)) and not obj.covers(Point(2, 4, 2))
+
+
 def test_next_object_takes_the_next_free_label():
     objects = ObjectList()
     first = objects.new(label=1, name="liver")
