@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .models import InputSpec
+from .models import MARGIN, InputSpec
 
 # CT windows as (level, width) in Hounsfield units.
 CT_PRESETS: dict[str, tuple[float, float]] = {
@@ -176,7 +176,7 @@ def crop_for_box(
     box: tuple[float, float, float, float],
     spacing: tuple[float, float] = (1.0, 1.0),
     mode: str = "square",
-    margin: float = 0.15,
+    margin: float = MARGIN,
     min_pixels: float | None = None,
 ) -> Crop:
     """The region the model sees for a box (r0, c0, r1, c1), half-open voxel ranges.
