@@ -147,24 +147,27 @@ VARIANTS = ("fp32", "int8", "opt")
 
 
 def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.ndarray) -> dict:
-    """fp32 export, its dynamic int8 MatMuls (the baselines), and `export --optimize`."""
+    """fp32 export, its dynamic int8 MatMuls (the baselines), and `export --optimize`. Weights
+    and graphs already in `workdir` (a --keep folder) are reused, not exported again."""
     import torch
     import yaml
 
-    from napari_sam2unet.export import export_onnx, quantize_int8
     from napari_sam2unet.modeling import build_sam2unet, count_parameters
 
     torch.manual_seed(0)
-    model = calibrated(build_sam2unet(config), slices)
-    row = {"config": config, "params_m": count_parameters(model) / 1e6, "gflop": gflop(model)}
-    began = time.perf_counter()
-    cards = {"fp32": export_onnx(model, workdir / f"{config}.onnx", config)}
-    quantize_int8(workdir / f"{config}.onnx", workdir / f"{config}_int8.onnx")
-    cards["int8"] = export_onnx_card(cards["fp32"], workdir / f"{config}_int8.onnx")
-    row["export_s"] = time.perf_counter() - began
-    began = time.perf_counter()
-    cards["opt"] = export_onnx(model, workdir / f"{config}_opt.onnx", config, optimize=True)
-    row["optimize_s"] = time.perf_counter() - began
+    model = build_sam2unet(config)
+    weights = workdir / f"{config}.pt"
+    cards = {v: workdir / f"{config}{'' if v == 'fp32' else '_' + v}.yaml" for v in VARIANTS}
+    kept = weights.is_file() and all(c.is_file() and c.with_suffix(".onnx").is_file() for c in cards.values())
+    if kept:
+        model.load_state_dict(torch.load(weights))
+        model.eval()
+    else:
+        model = calibrated(model, slices)
+    row = {"config": config, "params_m": count_parameters(model) / 1e6, "gflop": gflop(model), "reused": kept}
+    if not kept:
+        row.update(export_all(model, config, workdir, cards))
+        torch.save(model.state_dict(), weights)
     row["opt_chosen"] = yaml.safe_load(cards["opt"].read_text())["optimization"]["chosen"]
     with torch.no_grad():
         reference = model(torch.from_numpy(slices))[0].numpy()
@@ -182,6 +185,19 @@ def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.nda
         row[f"{variant}_max_abs_diff"] = float(np.abs(out - reference).max())
         row[f"{variant}_dice"] = dice(out > cut, reference > cut)
     return row
+
+
+def export_all(model, config: str, workdir: Path, cards: dict[str, Path]) -> dict:
+    """The three graphs and their cards; the seconds each export took."""
+    from napari_sam2unet.export import export_onnx, quantize_int8
+
+    began = time.perf_counter()
+    export_onnx(model, cards["fp32"].with_suffix(".onnx"), config)
+    quantize_int8(cards["fp32"].with_suffix(".onnx"), cards["int8"].with_suffix(".onnx"))
+    export_onnx_card(cards["fp32"], cards["int8"].with_suffix(".onnx"))
+    middle = time.perf_counter()
+    export_onnx(model, cards["opt"].with_suffix(".onnx"), config, optimize=True)
+    return {"export_s": middle - began, "optimize_s": time.perf_counter() - middle}
 
 
 def export_onnx_card(fp32_card: Path, onnx_path: Path) -> Path:
@@ -217,6 +233,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slices", type=int, default=4, help="real slices for parity")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write weights and graphs here, and reuse those a previous run left (no re-export)")
     args = parser.parse_args()
 
     peak = matmul_peak(args.threads)
@@ -224,8 +242,10 @@ def main() -> None:
     slices = real_batch(args.slices)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for config in args.configs:
-            row = bench(config, args.threads, args.repeats, Path(tmp), slices)
+            row = bench(config, args.threads, args.repeats, workdir, slices)
             row["fp32_share_of_peak"] = row["gflop"] / (row["fp32_b1_ms"] / 1000) / peak
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -20,9 +20,10 @@ from napari_sam2unet.modeling import build_sam2unet  # noqa: E402
 from napari_sam2unet.modeling.configs import tiny_test_config  # noqa: E402
 from napari_sam2unet.models import load_card, sha256_file  # noqa: E402
 
-# The full structure in small: block 4 has 8-token windows on the 22 x 22 map (padded, no
-# query pooling), block 6 pools queries in padded windows, block 5 is global.
-CONFIG = tiny_test_config(stages=(1, 2, 3, 1), global_att_blocks=(5,))
+# The full structure in small, computed at 224 px (resized from the 352 input) for speed: block
+# 4 has 8-token windows on the 14 x 14 map (padded, no query pooling), block 6 pools queries in
+# padded windows, block 5 is global.
+CONFIG = tiny_test_config(stages=(1, 2, 3, 1), global_att_blocks=(5,), work_size=224)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_card_records_the_parity_check(optimized):
     found = raw["optimization"]
     assert card.sha256 == sha256_file(card.file)
     assert found["chosen"] == raw["architecture"]["precision"]
-    assert set(found["candidates"]) == {"fp32", "int8-qdq (MatMul)", "int8-dynamic (MatMul)"}
+    assert set(found["candidates"]) == {"fp32", "int8-dynamic (MatMul)"}
     assert found["candidates"]["fp32"]["dice"] == 1.0  # the rewrites change no mask
     assert found["parity"]["dice"] >= optimize.MIN_DICE
     assert found["parity"]["slices"] == optimize.PARITY_SLICES

@@ -1,11 +1,11 @@
 """A faster ONNX graph of a SAM2-UNet, kept only if its masks agree with fp32 torch.
 
-`sam2unet export --optimize` calls `optimize_export`: it exports the fp32 graph with padded
-attention windows skipped where that is exact, makes the candidate graphs (static int8 QDQ
-calibrated on real MR slices, dynamic int8 MatMuls, fp32), times each, checks each against
-fp32 torch on other real slices through the CPU backend's session options, and keeps the
-fastest that passes. The figures of the check go into the model card. See
-docs/performance.md section 2 for what each step gains.
+`sam2unet export --optimize` calls `optimize_export`: it exports the fp32 graph without the
+work on zero-padded attention windows (an exact rewrite), fuses bias + GELU, makes the
+candidate graphs (fp32; dynamic int8 MatMuls; optionally static int8 QDQ calibrated on real
+MR slices), times each, checks each against fp32 torch on other real slices with the CPU
+backend's session options, and keeps the fastest that passes. The figures of the check go
+into the model card. docs/performance.md section 2 has what each step gains.
 """
 
 from __future__ import annotations
@@ -315,13 +315,25 @@ def reference_logits(model, slices: np.ndarray) -> np.ndarray:
         return np.concatenate([model(torch.from_numpy(s[None]))[0].numpy() for s in slices])
 
 
-def candidates(fp32: Path, workdir: Path, calibration: np.ndarray, layout: str) -> dict[str, Path]:
-    """The graphs to try, by card precision name."""
+def fuse(fp32_path: Path, out_path: Path) -> Path:
+    """onnxruntime's transformer fusions: bias + erf GELU into one BiasGelu (the CPU session's
+    own optimiser leaves the exporter's five-operator GELU as it is)."""
+    from onnxruntime.transformers import optimizer
+
+    fused = optimizer.optimize_model(str(fp32_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    fused.save_model_to_file(str(out_path))
+    return out_path
+
+
+def candidates(fp32: Path, workdir: Path, calibration: np.ndarray, layout: str, static: bool = False) -> dict:
+    """The graphs to try, by card precision name. Static QDQ (`static`) is off by default: on
+    Hiera-L it was slower than dynamic int8 and failed the parity check (docs/performance.md)."""
     from .export import quantize_int8
 
-    out = {"fp32": fp32}
-    out["int8-qdq (MatMul)"] = quantize_qdq(fp32, workdir / "qdq.onnx", calibration, layout=layout)
-    out["int8-dynamic (MatMul)"] = quantize_int8(fp32, workdir / "dynamic.onnx")
+    fused = fuse(fp32, workdir / "fused.onnx")
+    out = {"fp32": fused, "int8-dynamic (MatMul)": quantize_int8(fused, workdir / "dynamic.onnx")}
+    if static:
+        out["int8-qdq (MatMul)"] = quantize_qdq(fused, workdir / "qdq.onnx", calibration, layout=layout)
     return out
 
 
@@ -333,15 +345,31 @@ def optimize_export(
     volumes=None,
     threads: int = 2,
     min_dice: float = MIN_DICE,
+    static: bool = False,
 ) -> dict[str, Any]:
     """Write the fastest candidate graph that passes the parity check to `out_path`; return
     what the card records (precision, the check's figures, every candidate's time and Dice)."""
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout)
+        return optimize_graph(model, fp32, out_path, layout, volumes, threads, min_dice, static)
+
+
+def optimize_graph(
+    model,
+    fp32: Path,
+    out_path: Path,
+    layout: str = "nchw",
+    volumes=None,
+    threads: int = 2,
+    min_dice: float = MIN_DICE,
+    static: bool = False,
+) -> dict[str, Any]:
+    """optimize_export from an fp32 graph of `model` already exported (by export_unpadded)."""
     calibration, held_out = split_slices(real_slices(volumes))
     reference = reference_logits(model, held_out)
     tried: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout)
-        graphs = candidates(fp32, Path(tmp), calibration, layout)
+        graphs = candidates(fp32, Path(tmp), calibration, layout, static)
         for name, path in graphs.items():
             sess = session(path, threads)
             tried[name] = {"ms_per_slice": round(latency_ms(sess, layout=layout), 1)}
