@@ -21,6 +21,7 @@ from superqt.utils import create_worker
 
 from .errors import Sam2UnetError
 from .models import DEFAULT_MODEL, MODELS_ENV, list_models, models_folder, search_dirs
+from .training.finetune import Settings  # torch-free: torch is imported when a run starts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class FinetuneWidget(Container):
         self.label_value = SpinBox(label="Label value", min=0, max=65535, value=ALL_LABELS,
                                    tooltip="0: every label in the layer")
         self.base = ComboBox(label="Base model", choices=self._model_choices, value=DEFAULT_MODEL)
-        self.steps = SpinBox(label="Steps", min=1, max=5000, value=200)
+        self.steps = SpinBox(label="Steps", min=1, max=5000, value=Settings.steps)
         self.trunk = ComboBox(label="Trunk", choices=["frozen", "trained"], value="frozen",
                               tooltip="frozen: adapters and decoder train (faster, keeps what the model knew)")
         self.name = LineEdit(label="New model name", value="")

@@ -268,8 +268,25 @@ def specs_data(cases, channels: str, axis: int = 2, window: str = "auto") -> Lab
 # --- crops ---------------------------------------------------------------------------------------
 
 
-def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int):
-    """n crops of random items: box jittered as drawn, framing varied, flips, window jitter."""
+def deformed(rng, img: np.ndarray, mask: np.ndarray, degrees: float = 15, scale: float = 0.15):
+    """The slice and its mask rotated and rescaled about the structure: the neighbouring slices
+    of a structure differ from the labelled ones in outline and size, not only in framing."""
+    from scipy import ndimage
+
+    angle = np.deg2rad(rng.uniform(-degrees, degrees))
+    zoom = np.exp(rng.uniform(np.log(1 - scale), np.log(1 + scale), 2))
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    matrix = rot @ np.diag(1 / zoom)  # output -> input coordinates
+    centre = np.argwhere(mask).mean(0)
+    offset = centre - matrix @ centre
+    img = ndimage.affine_transform(img, matrix, offset, order=1, mode="nearest")
+    mask = ndimage.affine_transform(mask.astype(np.float32), matrix, offset, order=1) > 0.5
+    return img, mask
+
+
+def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int, deform: float = 0.0):
+    """n crops of random items: box jittered as drawn, framing varied, flips, window jitter, and
+    (with probability deform) a small rotation and rescaling."""
     from ..preprocess import View
     from .data import make_crop
 
@@ -277,6 +294,10 @@ def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int):
     while len(xs) < n:
         item = items[int(rng.integers(len(items)))]
         img, mask, spacing, views = item.image, item.mask, item.spacing, item.views
+        if deform and rng.random() < deform:
+            img, mask = deformed(rng, img, mask)
+            if mask.sum() < MIN_PIXELS:
+                continue
         if rng.random() < 0.5:
             img, mask = img[::-1], mask[::-1]
         if rng.random() < 0.5:
@@ -312,12 +333,13 @@ def validation_crops(items: list[Item], spec: InputSpec, size):
 
 @dataclass
 class Settings:
-    steps: int = 200
+    steps: int = 150  # ~70-90 s on one core of this CPU (docs/performance.md, few-shot)
     batch: int = 8
     lr: float = 3e-4
     trunk: str = "frozen"
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    deform: float = 0.0  # share of training crops rotated and rescaled (deformed())
 
 
 @dataclass
@@ -376,7 +398,7 @@ def iter_finetune(base: Base, data: Labelled, settings: Settings) -> Iterator[Pr
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / settings.steps))))
     for step in range(1, settings.steps + 1):
-        x, y = training_batch(rng, data.train, base.spec, base.train_size, settings.batch)
+        x, y = training_batch(rng, data.train, base.spec, base.train_size, settings.batch, settings.deform)
         loss = structure_loss(model(torch.from_numpy(x))[0], torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -408,7 +430,7 @@ def card_extra(base: Base, data: Labelled, settings: Settings, before: float, af
             **({"command": command} if command else {}),
             "data": data.note,
             "steps": settings.steps, "batch": settings.batch, "lr": settings.lr, "trunk": settings.trunk,
-            "seed": settings.seed, "crop_size": list(base.train_size),
+            "deform": settings.deform, "seed": settings.seed, "crop_size": list(base.train_size),
             "seconds": round(seconds, 1),
             "loss": "weighted BCE + weighted IoU on the prediction head; BatchNorm statistics kept",
             "validation": {"what": f"per-crop Dice, box = outline + 10%, on {data.validation_what}",
@@ -497,6 +519,8 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=Settings.lr)
     p.add_argument("--trunk", choices=TRUNK_CHOICES, default=Settings.trunk,
                    help="frozen: adapters and decoder train (default); trained: the trunk too")
+    p.add_argument("--deform", type=float, default=Settings.deform,
+                   help=f"share of training crops rotated and rescaled a little (default {Settings.deform})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--overwrite", action="store_true")
@@ -530,7 +554,7 @@ def run_finetune(args) -> int:
         raise InputError("give --image IMAGE --labels LABELS, or --data PATH ... (not both)")
     if args.image is not None and args.labels is None:
         raise InputError("--image needs --labels: the label map that holds your labelled slices")
-    settings = Settings(args.steps, args.batch, args.lr, args.trunk, args.seed, args.threads)
+    settings = Settings(args.steps, args.batch, args.lr, args.trunk, args.seed, args.threads, args.deform)
     slices = _parse_slices(args.slices)
     torch = _torch()
     if settings.threads:
