@@ -28,25 +28,28 @@ def variants():
         yield f"min crop {pixels} px", {"min_crop": pixels}
     for rule in ("all", "largest"):
         yield f"box regions {rule}", {"regions": rule}
-    for overlap in (0.5, 0.6, 0.8):
+    for overlap in (0.6, 0.7, 0.9):
         yield f"propagation overlap {overlap}", {"overlap": overlap}
+    for most in (1.2, 1.5, 100.0):
+        yield f"propagation max growth {most}", {"max_growth": most}
     for growth in (0.0, 0.1):
         yield f"propagation growth {growth}", {"growth": growth}
 
 
 def run(model, settings, cases, protocols):
     saved = (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
-             engine.PROPAGATE_GROWTH)
+             engine.PROPAGATE_GROWTH, engine.PROPAGATE_MAX_GROWTH)
     preprocess.MIN_CROP_PIXELS = settings.get("min_crop", saved[0])
     postprocess.BOX_REGIONS = settings.get("regions", saved[1])
     engine.PROPAGATE_MIN_OVERLAP = settings.get("overlap", saved[2])
     engine.PROPAGATE_GROWTH = settings.get("growth", saved[3])
+    engine.PROPAGATE_MAX_GROWTH = settings.get("max_growth", saved[4])
     try:
         return evaluate(cases, [model], margin=settings.get("margin"), threshold=settings.get("threshold"),
                         protocols=protocols, baseline=False, threads=2)
     finally:
         (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
-         engine.PROPAGATE_GROWTH) = saved
+         engine.PROPAGATE_GROWTH, engine.PROPAGATE_MAX_GROWTH) = saved
 
 
 def main() -> None:

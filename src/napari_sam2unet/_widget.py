@@ -120,9 +120,10 @@ class SegmentWidget(Container):
         self.scope = ComboBox(label="Scope", choices=[(text, text) for text, _ in SCOPES], value="this slice")
         self.threshold = FloatSlider(label="Threshold", min=0.01, max=0.99, step=0.01, value=0.5,
                                      tooltip="Re-applied from cached probabilities: no model call")
-        self.min_overlap = FloatSpinBox(label="Propagation stops below IoU", min=0.0, max=0.99, step=0.05,
+        self.min_overlap = FloatSpinBox(label="Propagation stops below overlap", min=0.0, max=0.99, step=0.05,
                                         value=PROPAGATE_MIN_OVERLAP,
-                                        tooltip="Overlap with the previous slice's mask under which it jumped away")
+                                        tooltip="Share of the smaller of two neighbouring masks inside the other "
+                                                "under which propagation jumped away")
         self.target = ComboBox(label="Write into", choices=self._target_choices)
         self.run_button = PushButton(text="Run (Shift+S: this slice)")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
