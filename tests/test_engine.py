@@ -207,27 +207,6 @@ def test_flip_averaging_cancels_what_is_not_flip_invariant_in_one_call(tmp_path)
     assert dice(biased, truth) < 0.5
 
 
-def _tight_box(mask2d, k):
-    rows, cols = np.flatnonzero(mask2d.any(1)), np.flatnonzero(mask2d.any(0))
-    return Box(k, rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
-
-
-def test_slices_between_boxes_follow_a_round_structure_beyond_the_interpolated_box(brightness_card):
-    # Tight boxes on a ball's first, middle and last slice: a straight line between the tiny end
-    # box and the large middle one undercuts the ball (Dice 0.88 with those boxes alone); each
-    # slice's box widens to cover its neighbour's mask, so the ball is recovered (0.95).
-    i, j, k = np.mgrid[:64, :64, :24]
-    truth = ((i - 32) / 24.0) ** 2 + ((j - 32) / 24.0) ** 2 + ((k - 12) / 11.5) ** 2 <= 1
-    engine = Engine(CountingBackend(brightness_card))
-    noise = np.random.default_rng(0).normal(0, 5, truth.shape)
-    engine.set_volume((np.where(truth, 900.0, 100.0) + noise).astype(np.float32), (1.0, 1.0, 2.0))
-    slices = [k for k in range(24) if truth[:, :, k].any()]
-    boxes = [_tight_box(truth[:, :, k], k) for k in (slices[0], slices[len(slices) // 2], slices[-1])]
-    result = engine.segment(Prompts(boxes), scope="between")
-    assert sorted(result.slices) == slices
-    assert dice(result.mask, truth) > 0.93
-
-
 def test_propagation_stops_when_the_mask_jumps_or_leaks_not_when_it_shrinks():
     previous = np.zeros((40, 40), bool)
     previous[10:30, 10:30] = True  # 400 pixels

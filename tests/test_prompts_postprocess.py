@@ -104,15 +104,3 @@ def test_a_box_can_keep_only_the_structure_it_is_about_not_a_neighbour_leaking_i
     assert ring[12, 12] and not ring[3, 20]
     # a positive point still chooses any region it touches
     assert select_regions(probability, 0.5, box=box, positive=[(3, 20)], regions="centre")[3, 20]
-
-
-def test_slices_between_boxes_are_ordered_inwards_from_the_boxes_that_steer_them():
-    from napari_sam2unet.prompts import between_order
-
-    order = between_order({2, 7}, {3, 4, 5, 6})
-    assert order == [(3, 2), (4, 3), (6, 7), (5, 6)]
-    done = {2, 7}
-    for k, neighbour in order:  # each slice comes after the neighbour that steers it
-        assert neighbour in done
-        done.add(k)
-    assert between_order({2, 3}, set()) == []

@@ -17,7 +17,7 @@ from .backends.base import Backend
 from .errors import Cancelled, InputError
 from .postprocess import box_mask, select_regions
 from .preprocess import Crop, View, crop_for_box, crop_for_slice, paste_back, plan_views, sample_crop, to_model_input
-from .prompts import Box, Prompts, between_order, interpolate_boxes
+from .prompts import Box, Prompts, interpolate_boxes
 
 SCOPES = ("auto", "slices", "between", "propagate", "volume")
 # Propagation stops when a slice's mask has fewer pixels than this.
@@ -210,11 +210,14 @@ class Engine:
     def plan(self, prompts: Prompts, scope: str = "auto") -> dict[int, list[SliceTask]]:
         """The model calls each slice needs (propagation plans as it goes, so it is not here)."""
         scope = self.resolve_scope(prompts, scope)
-        if scope in ("propagate", "between"):
-            raise InputError(f"scope {scope!r} is planned slice by slice; call segment()")
+        if scope == "propagate":
+            raise InputError("propagation is planned slice by slice; call segment()")
         boxes: dict[int, list[Box]] = {}
         for box in prompts.boxes:
             boxes.setdefault(box.slice, []).append(box)
+        if scope == "between":
+            for k, box in interpolate_boxes(prompts.boxes).items():
+                boxes.setdefault(k, [box])
         slices = set(boxes) | {p.slice for p in prompts.points}
         if scope == "volume":
             slices = set(range(self.shape[self.axis]))
@@ -345,44 +348,23 @@ class Engine:
 
         if scope == "propagate":
             steps = self._propagate(prompts, threshold, result)
-        elif scope == "between":
-            steps = self._between(prompts, threshold, result)
         else:
-            steps = self._planned(self.plan(prompts, scope), prompts, threshold, result)
+            steps = self._planned(prompts, scope, threshold, result)
         for done, total in steps:
             account()
             yield done, total, result
         account()
 
-    def _planned(self, plan, prompts, threshold, result, total=None):
-        """Every planned slice, batched: yields (slices done, total)."""
+    def _planned(self, prompts, scope, threshold, result):
+        plan = self.plan(prompts, scope)
         order = list(plan)
-        total = len(order) if total is None else total
-        groups = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        total = len(order)
+        groups = [order[start : start + self.batch_size] for start in range(0, total, self.batch_size)]
         done = 0
         for index in self._run_groups([[t for k in group for t in plan[k]] for group in groups]):
             for k in groups[index]:
                 result.slices[k] = self.slice_result(k, plan[k], prompts, threshold)
             done += len(groups[index])
-            yield done, total
-
-    def _between(self, prompts, threshold, result):
-        """The prompted slices, then each slice between two boxed ones, walking inwards from them:
-        its interpolated box widened to cover the mask of the neighbour segmented just before."""
-        interpolated = interpolate_boxes(prompts.boxes)
-        boxed = {b.slice for b in prompts.boxes}
-        order = between_order(boxed, set(interpolated) - boxed)
-        chained = {k for k, _ in order}
-        seeds = {k: tasks for k, tasks in self.plan(prompts, "slices").items() if k not in chained}
-        total = len(seeds) + len(order)
-        done = 0
-        for done, _ in self._planned(seeds, prompts, threshold, result, total):
-            yield done, total
-        for k, neighbour in order:
-            task = self.box_task(Box(k, *steered_box(interpolated[k], result.slices[neighbour].mask)))
-            self._run_tasks([task])
-            result.slices[k] = SliceResult([task], self.postprocess(k, [task], prompts, threshold))
-            done += 1
             yield done, total
 
     def _propagate(self, prompts, threshold, result):
@@ -556,19 +538,6 @@ def propagation_stop(mask: np.ndarray, previous: np.ndarray, min_overlap: float 
     if area > max_growth * before:
         return f"grew {area / max(1, before):.1f}x in one slice (leaking into a neighbour?)"
     return None
-
-
-def steered_box(box: Box, neighbour: np.ndarray | None) -> tuple[float, float, float, float]:
-    """An interpolated box, widened to cover its neighbour's mask (grown as propagation grows it).
-
-    Boxes interpolated linearly between slices undercut rounded structures; the neighbour's mask
-    says where the structure really is. Validation: 0.483 -> 0.506 mean Dice (docs/performance.md).
-    """
-    grown = mask_box(neighbour, PROPAGATE_GROWTH) if neighbour is not None else None
-    if grown is None:
-        return box.rect
-    (i0, j0, i1, j1), (g0, h0, g1, h1) = box.rect, grown
-    return min(i0, g0), min(j0, h0), max(i1, g1), max(j1, h1)
 
 
 def mask_box(mask: np.ndarray, margin: float) -> tuple[float, float, float, float] | None:

@@ -110,24 +110,6 @@ def interpolate_boxes(boxes: list[Box]) -> dict[int, Box]:
     return result
 
 
-def between_order(boxed: set[int], interpolated: set[int]) -> list[tuple[int, int]]:
-    """(slice, neighbour) for each interpolated slice, walking from the boxed slices inwards.
-
-    Each gap is filled from both of its boxed ends towards its middle, so every slice comes
-    after the neighbour whose mask steers its box and no slice is further than half a gap from
-    a box the user drew.
-    """
-    order = []
-    ends = sorted(boxed)
-    for a, b in zip(ends, ends[1:]):
-        if a + 1 not in interpolated:  # a slice with several boxes ends the range: nothing between
-            continue
-        middle = (a + b) // 2
-        order += [(k, k - 1) for k in range(a + 1, middle + 1)]
-        order += [(k, k + 1) for k in range(b - 1, middle, -1)]
-    return order
-
-
 def parse_box(text: str) -> Box:
     """'K:I0,J0,I1,J1' -> Box."""
     try:

@@ -138,28 +138,21 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
 
 
 def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, protocol: str = "tight") -> np.ndarray:
-    """Otsu in each box (on the window `view`); boxes between the given ones, or propagation
-    outwards, with the engine's rules, as the protocol says."""
-    from ..engine import PROPAGATE_GROWTH, mask_box, propagation_continues, steered_box
-    from ..prompts import between_order, interpolate_boxes
+    """Otsu in each box (on the window `view`); interpolated boxes between the given ones, or
+    propagation outwards with the engine's rule, as the protocol says."""
+    from ..engine import PROPAGATE_GROWTH, mask_box, propagation_continues
+    from ..prompts import interpolate_boxes
 
     propagate = protocol == "propagated"
+    if protocol == "interpolated":
+        boxes = list(interpolate_boxes(boxes).values())
+
     out = np.zeros(data.shape, dtype=bool)
 
     def plane(k):
         index = [slice(None)] * 3
         index[axis] = k
         return tuple(index)
-
-    if protocol == "interpolated":
-        interpolated = interpolate_boxes(boxes)
-        boxed = {b.slice for b in boxes}
-        for box in boxes:
-            out[plane(box.slice)] |= otsu_in_box(view.apply(data[plane(box.slice)]), box.rect)
-        for k, neighbour in between_order(boxed, set(interpolated) - boxed):
-            rect = steered_box(interpolated[k], out[plane(neighbour)])
-            out[plane(k)] = otsu_in_box(view.apply(data[plane(k)]), rect)
-        return out
 
     for box in boxes:
         first = otsu_in_box(view.apply(data[plane(box.slice)]), box.rect)
