@@ -8,8 +8,8 @@ region has at least 30 pixels, axis 2); the target is that region. A click is it
 are switched through the engine's and postprocess's settings, on one cache. A leak is the
 largest region of the box mask outside the target that touches it (at least 10 pixels); the
 negative point goes on its deepest pixel. Dice per slice, averaged per structure, then over
-structures. The test scans (example_mr_sm, brats2013 0002-0004, deeplesion 000009/000010,
-brats2021) are never read here.
+structures. The structures are the bundled manifest's validation split (training/bundled_data.yaml,
+under $SAM2UNET_DATA): its test and training patients are never read here.
 """
 
 from __future__ import annotations
@@ -27,23 +27,9 @@ from napari_sam2unet.engine import Engine
 from napari_sam2unet.io import read_volume
 from napari_sam2unet.models import find_model
 from napari_sam2unet.prompts import Box, Point, Prompts
+from napari_sam2unet.training.data import load_layer
+from napari_sam2unet.training.datasets import default_manifest, find_cases
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CASES = DATA / "cases"
-# (name, image, labels, label values): the validation structures of this project.
-VALIDATION = [
-    ("itksnap brain", CASES / "itksnap_mricrop_brain/image.nii.gz", CASES / "itksnap_mricrop_brain/label.nii.gz",
-     (1, 2, 3, 4, 5, 6, 7, 8)),
-    ("tcia flair", CASES / "bratstoolkit_otherexamplefromtcia_fla_pred/image.nii.gz",
-     CASES / "bratstoolkit_otherexamplefromtcia_fla_pred/label.nii.gz", (1, 2, 4)),
-    ("tcia t1c", CASES / "bratstoolkit_otherexamplefromtcia_t1c_pred/image.nii.gz",
-     CASES / "bratstoolkit_otherexamplefromtcia_t1c_pred/label.nii.gz", (1, 2, 4)),
-    ("deeplesion 1", CASES / "deeplesion_ct_000001_02_01_008_023/image.nii.gz",
-     CASES / "deeplesion_ct_000001_02_01_008_023/label.nii.gz", (1,)),
-    ("deeplesion 2", CASES / "deeplesion_ct_000002_03_01_035_047/image.nii.gz",
-     CASES / "deeplesion_ct_000002_03_01_035_047/label.nii.gz", (1,)),
-    ("ct_sm held out", DATA / "totalseg/example_ct_sm.nii.gz", DATA / "totalseg/example_seg.nii.gz", (1, 7, 86)),
-]
 CLICK_CHOICES = ("stability", "border", "confidence")
 SIDE_SETS = {"x2 from 24 mm": (24.0, 48.0, 96.0, 192.0), "x1.5 from 16 mm": (16.0, 24.0, 36.0, 54.0, 81.0, 121.0)}
 FIXED_SIDES = (16.0, 24.0, 32.0, 48.0, 96.0)
@@ -68,6 +54,19 @@ def deepest(mask) -> tuple[float, float]:
     depth = ndimage.distance_transform_edt(mask)
     r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return r + 0.5, c + 0.5
+
+
+def validation_layers():
+    """(case, name, label map, label values) for each label layer of the manifest's validation patients."""
+    for spec in find_cases([default_manifest()], "validation"):
+        if spec.split != "validation":
+            continue
+        image = np.asarray(read_volume(spec.image).data)
+        for index, layer_spec in enumerate(spec.labels):
+            layer = load_layer(layer_spec, image, spec.name)
+            label = layer_spec.name or ("union" if layer_spec.union else f"layer {index}")
+            name = spec.name if index == 0 else f"{spec.name} ({label})"
+            yield spec, name, np.isin(layer.labels, layer.ids) * layer.labels, layer.ids
 
 
 def cases_of(labels, value, slices):
@@ -146,9 +145,8 @@ def main() -> None:
     card = find_model(args.model)
     backend, _ = open_backend(card, "cpu")
     per_structure = {}
-    for name, image_path, labels_path, values in VALIDATION:
-        volume = read_volume(image_path)
-        labels = np.rint(read_volume(labels_path).data).astype(np.int32)
+    for spec, name, labels, values in validation_layers():
+        volume = read_volume(spec.image)
         engine = Engine(backend)
         engine.set_volume(volume.data, volume.spacing, axis=2, window="auto")
         for value in values:
