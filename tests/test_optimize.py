@@ -82,7 +82,7 @@ def test_card_records_the_parity_check(optimized):
     found = raw["optimization"]
     assert card.sha256 == sha256_file(card.file)
     assert found["chosen"] == raw["architecture"]["precision"]
-    assert set(found["candidates"]) == {"fp32", "int8-dynamic (MatMul)"}
+    assert set(found["candidates"]) == {"fp32", "int8-dynamic (MatMul)", optimize.PLAIN}
     assert found["candidates"]["fp32"]["dice"] == 1.0  # the rewrites change no mask
     assert found["parity"]["dice"] >= optimize.MIN_DICE
     assert found["parity"]["slices"] == optimize.PARITY_SLICES

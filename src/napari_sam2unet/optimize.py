@@ -325,13 +325,23 @@ def fuse(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def candidates(fp32: Path, workdir: Path, calibration: np.ndarray, layout: str, static: bool = False) -> dict:
+PLAIN = "int8-dynamic (MatMul), graph as exported"
+
+
+def candidates(
+    fp32: Path, workdir: Path, calibration: np.ndarray, layout: str, static: bool = False, plain: Path | None = None
+) -> dict:
     """The graphs to try, by card precision name. Static QDQ (`static`) is off by default: on
-    Hiera-L it was slower than dynamic int8 and failed the parity check (docs/performance.md)."""
+    Hiera-L it was slower than dynamic int8 and failed the parity check (docs/performance.md).
+    `plain`: the export without the rewrites, quantised as `--int8` does, so that --optimize
+    is never slower than --int8 (on tiny the edge windows' extra operators cost more than
+    they save)."""
     from .export import quantize_int8
 
     fused = fuse(fp32, workdir / "fused.onnx")
     out = {"fp32": fused, "int8-dynamic (MatMul)": quantize_int8(fused, workdir / "dynamic.onnx")}
+    if plain is not None:
+        out[PLAIN] = quantize_int8(plain, workdir / "plain_int8.onnx")
     if static:
         out["int8-qdq (MatMul)"] = quantize_qdq(fused, workdir / "qdq.onnx", calibration, layout=layout)
     return out
@@ -349,9 +359,12 @@ def optimize_export(
 ) -> dict[str, Any]:
     """Write the fastest candidate graph that passes the parity check to `out_path`; return
     what the card records (precision, the check's figures, every candidate's time and Dice)."""
+    from .export import export_fp32
+
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout)
-        return optimize_graph(model, fp32, out_path, layout, volumes, threads, min_dice, static)
+        plain = export_fp32(model, Path(tmp) / "plain.onnx", batch, layout)
+        return optimize_graph(model, fp32, out_path, layout, volumes, threads, min_dice, static, plain)
 
 
 def optimize_graph(
@@ -363,13 +376,15 @@ def optimize_graph(
     threads: int = 2,
     min_dice: float = MIN_DICE,
     static: bool = False,
+    plain: Path | None = None,
 ) -> dict[str, Any]:
-    """optimize_export from an fp32 graph of `model` already exported (by export_unpadded)."""
+    """optimize_export from an fp32 graph of `model` already exported (by export_unpadded);
+    `plain`: its export without the rewrites (export.export_fp32), a candidate too."""
     calibration, held_out = split_slices(real_slices(volumes))
     reference = reference_logits(model, held_out)
     tried: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        graphs = candidates(fp32, Path(tmp), calibration, layout, static)
+        graphs = candidates(fp32, Path(tmp), calibration, layout, static, plain)
         for name, path in graphs.items():
             sess = session(path, threads)
             tried[name] = {"ms_per_slice": round(latency_ms(sess, layout=layout), 1)}
