@@ -153,3 +153,16 @@ def test_a_checkpoint_holds_no_functions_and_is_written_whole(shared_data, tmp_p
     state = torch.load(out / "best.pt", weights_only=False)
     assert "func" not in state["args"] and state["step"] == 3
     assert not list(out.glob("*.tmp"))
+
+
+def test_the_card_licences_weights_as_apache_only_when_every_training_licence_allows_it():
+    from types import SimpleNamespace
+
+    from napari_sam2unet.training.train import weights_licence
+
+    shippable = [SimpleNamespace(licence=text) for text in ("BSD-3-Clause", "Apache-2.0; TCIA CC BY 3.0")]
+    assert weights_licence(shippable) == "Apache-2.0"
+    brats = SimpleNamespace(licence="CC BY-NC-SA 3.0 CH (measuring only)")
+    assert "CC BY-NC-SA" in weights_licence([*shippable, brats])
+    assert weights_licence([brats]).startswith("not for redistribution")
+    assert "unstated" in weights_licence([SimpleNamespace(licence="")])

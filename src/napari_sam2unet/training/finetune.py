@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError, require_torch
 from ..models import DEFAULT_MODEL as DEFAULT_NAME
-from ..models import InputSpec
+from ..models import THRESHOLD, InputSpec
 
 MIN_PIXELS = 4  # a structure smaller than this on a slice gives no training box
 MAX_VALIDATION = 48  # held-out slices scored before and after (evenly spread)
@@ -420,7 +420,7 @@ def card_extra(base: Base, data: Labelled, settings: Settings, before: float, af
     licence = raw.get("licence", "see the base checkpoint's licence")
     return {
         "input": {"channels": spec.channels, "crop": spec.crop, "margin": spec.margin},
-        "threshold": float(raw.get("threshold", 0.5)),
+        "threshold": float(raw.get("threshold", THRESHOLD)),
         "flip_average": bool(raw.get("flip_average", False)),
         "licence": f"{licence}; fine-tuned on the data below, whose terms apply too",
         "task": raw.get("task", "box-steered segmentation of one structure per box"),

@@ -387,27 +387,49 @@ def training_cases(args) -> dict:
     return splits
 
 
-def card_extra(args, best_state) -> dict:
+# Words in a case's licence that forbid shipping weights trained on it under Apache-2.0.
+RESTRICTIVE_LICENCE_WORDS = ("nc", "non-commercial", "noncommercial", "measuring only", "gpl", "not restated")
+
+
+def weights_licence(train_cases) -> str:
+    """Apache-2.0 only when every training case's licence is stated and allows shipping weights."""
+    def restrictive(licence: str) -> bool:
+        words = licence.lower().replace("-", " ").replace("(", " ").replace(")", " ").split()
+        text = " ".join(words)
+        return not licence or any(w in words or (" " in w and w in text) for w in RESTRICTIVE_LICENCE_WORDS)
+
+    blocked = sorted({c.licence or "unstated" for c in train_cases if restrictive(c.licence)})
+    if not blocked:
+        return "Apache-2.0"
+    return "not for redistribution: trained on data under " + "; ".join(blocked)
+
+
+def card_extra(args, best_state, trained_steps: int | None = None) -> dict:
     """What the card says about the model's input and training (metrics are added by eval)."""
+    splits = training_cases(args)
+    steps = {"steps": trained_steps or args.steps}
+    if trained_steps and trained_steps != args.steps:
+        steps["schedule_steps"] = args.steps  # stopped before its schedule ended (then resumed or not)
+    outputs = "all three outputs" if args.arch == "sam2unet" else "its one output"
     return {
         "input": {"channels": args.channels, "crop": args.crop, "margin": args.margin},
-        "licence": "Apache-2.0",
+        "licence": weights_licence(splits["train"]),
         "task": "class-agnostic box-steered segmentation of one structure per box on an MRI or CT slice",
         "training": {
             "command": args.command_line,
             "seed": args.seed,
-            "steps": args.steps,
+            **steps,
             "chosen_step": int(best_state.get("step", args.steps)),
             "validation_dice": round(float(best_state.get("val_dice", float("nan"))), 4),
             "resolution": (f"{args.size}px crops, batch {args.batch}"
                            + (f"; then {args.hires_steps} steps at {EVAL_SIZE}px, batch {args.hires_batch}"
                               if args.hires_steps else "")),
-            "loss": "weighted BCE + weighted IoU on all three outputs"
+            "loss": f"weighted BCE + weighted IoU on {outputs}"
             + (f" + {args.distill_weight} x BCE against the teacher's probabilities" if args.teacher else ""),
             **({"teacher": str(args.teacher)} if args.teacher else {}),
             "ema_decay": args.ema,
         },
-        "data": training_data_note(training_cases(args)),
+        "data": training_data_note(splits),
     }
 
 
@@ -450,16 +472,18 @@ def export(args, best_path: Path) -> Path:
     """Export the best EMA weights: ONNX + model card."""
     torch = require_torch("training", "train")
     state = torch.load(best_path, map_location="cpu", weights_only=False)
+    trained_steps = None
     if args.export_only:
         last = best_path.with_name("last.pt")
         run_state = torch.load(last, map_location="cpu", weights_only=False) if last.is_file() else state
         args = _training_args(args, run_state)
+        trained_steps = run_state.get("step")
     model = build_model(args.arch, args.config)
     model.load_state_dict(state["ema"])
     model.eval()
     onnx_path = Path(args.export)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    extra = card_extra(args, state)
+    extra = card_extra(args, state, trained_steps)
     if args.arch == "sam2unet":
         from ..export import export_onnx
 
