@@ -27,8 +27,8 @@ from napari_sam2unet.engine import Engine
 from napari_sam2unet.io import read_volume
 from napari_sam2unet.models import find_model
 from napari_sam2unet.prompts import Box, Point, Prompts
-from napari_sam2unet.training.data import load_layer
 from napari_sam2unet.training.datasets import default_manifest, find_cases
+from napari_sam2unet.training.sources import load_layer
 
 CLICK_CHOICES = ("stability", "border", "confidence")
 SIDE_SETS = {"x2 from 24 mm": (24.0, 48.0, 96.0, 192.0), "x1.5 from 16 mm": (16.0, 24.0, 36.0, 54.0, 81.0, 121.0)}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from napari_sam2unet.training import data as tdata
+from napari_sam2unet.training import sources as tsources
 from napari_sam2unet.training.train import EVAL_SIZE, dice_scores, input_spec, load_run_model
 
 
@@ -27,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = (EVAL_SIZE, EVAL_SIZE)
-    sources = tdata.load_sources()
+    sources = tsources.load_sources()
     crops = {}  # per input spec: (training crops, validation crops), the same for every run
     print("| run | arch / config | parameters (M) | training-crop Dice | validation-crop Dice |")
     print("|---|---|---|---|---|")

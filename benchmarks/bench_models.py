@@ -198,7 +198,7 @@ def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.nda
 
 def export_all(model, config: str, workdir: Path, cards: dict[str, Path]) -> dict:
     """The three graphs and their cards; the seconds each export took."""
-    from napari_sam2unet.export import export_onnx, quantize_int8
+    from napari_sam2unet.convert.export import export_onnx, quantize_int8
 
     began = time.perf_counter()
     export_onnx(model, cards["fp32"].with_suffix(".onnx"), config)

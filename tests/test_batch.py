@@ -170,7 +170,10 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(shared_data, tmp_path, mo
     command = [sys.executable, "-m", "napari_sam2unet.cli", "batch", str(manifest), "-o", str(out),
                "--model", model, "--workers", "2"]
     # A session of its own, so the signal goes to the batch and its workers, as Ctrl-C in a terminal does.
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT at its default in the child: pytest started in the background (`cmd &`, nohup) runs
+    # with it ignored, and Python would not turn an inherited ignored SIGINT into Ctrl-C.
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_any(out, run)
     os.killpg(run.pid, signal.SIGINT)
     _, error = run.communicate(timeout=120)

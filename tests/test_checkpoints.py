@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="checkpoint tests need the [export] extra (torch)")
 
-from napari_sam2unet.checkpoints import (  # noqa: E402
+from napari_sam2unet.convert.checkpoints import (  # noqa: E402
     load_sam2_trunk,
     load_sam2unet,
     read_checkpoint,

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_nifti
 
 from napari_sam2unet.errors import InputError
-from napari_sam2unet.training import data as tdata
+from napari_sam2unet.training import sources as tsources
 from napari_sam2unet.training.datasets import DATA_ENV, find_cases
 
 
@@ -31,7 +31,7 @@ def test_a_folder_of_case_folders_with_optional_case_json(tmp_path):
     a, b = find_cases([tmp_path])
     assert (a.name, a.patient, a.split) == ("a", "a", "train")
     assert (b.patient, b.modality, b.label_names, b.licence) == ("P7", "mr", {3: "lesion"}, "CC-BY-4.0")
-    source = tdata.load_case(b)
+    source = tsources.load_case(b)
     assert source.layers[0].ids == (3,) and source.slices  # the structure is found on its slices
 
 
@@ -81,7 +81,7 @@ def test_a_manifest_reads_its_scans_under_the_data_folder_and_keeps_splits(tmp_p
     one, two = find_cases([manifest])
     assert (one.split, two.split) == ("train", "validation") and one.labels[1].union
     assert one.image == data / "one" / "image.nii.gz"
-    assert len(tdata.load_case(one).layers) == 2
+    assert len(tsources.load_case(one).layers) == 2
 
 
 def test_one_patient_in_two_splits_is_refused(tmp_path):
@@ -89,7 +89,7 @@ def test_one_patient_in_two_splits_is_refused(tmp_path):
     _pair(tmp_path / "val" / "scan_t1")  # the same patient (folder name) again, for validation
     cases = find_cases([tmp_path / "train"]) + find_cases([tmp_path / "val"], split="validation")
     with pytest.raises(InputError, match="patient 'scan_t1' is in two splits"):
-        tdata.split_cases(cases)
+        tsources.split_cases(cases)
 
 
 def test_a_folder_without_cases_says_which_layouts_it_reads(tmp_path):

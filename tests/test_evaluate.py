@@ -9,8 +9,8 @@ from conftest import sphere_volume, write_nifti
 from napari_sam2unet.cli import main
 from napari_sam2unet.errors import InputError
 from napari_sam2unet.models import load_card
-from napari_sam2unet.training.data import check_pair
 from napari_sam2unet.training.evaluate import dice, make_cases, otsu_in_box, otsu_threshold
+from napari_sam2unet.training.sources import check_pair
 
 
 def test_otsu_splits_two_populations():

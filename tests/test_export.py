@@ -15,13 +15,13 @@ pytest.importorskip("onnx", reason="export tests need the [export] extra (onnx)"
 import torch.nn.functional as F  # noqa: E402
 
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
-from napari_sam2unet.errors import ModelError  # noqa: E402
-from napari_sam2unet.export import (  # noqa: E402
+from napari_sam2unet.convert.export import (  # noqa: E402
     add_export_parser,
     card_dict,
     export_onnx,
     quantize_int8,
 )
+from napari_sam2unet.errors import ModelError  # noqa: E402
 from napari_sam2unet.modeling import Sam2Unet, build_sam2unet, count_parameters  # noqa: E402
 from napari_sam2unet.modeling.configs import tiny_test_config  # noqa: E402
 from napari_sam2unet.models import (  # noqa: E402
@@ -173,7 +173,7 @@ def test_position_embedding_is_a_constant(exported):
 
 def test_cli_export_int8_nhwc_batch1(tmp_path):
     """`sam2unet export` end to end: strict load, int8, NHWC, batch 1, card, backend."""
-    from napari_sam2unet.export import run_export
+    from napari_sam2unet.convert.export import run_export
 
     torch.manual_seed(0)
     model = build_sam2unet("compact_s").eval()
@@ -232,7 +232,7 @@ def test_import_without_torch():
     """The CLI imports export.py on every run: it must not need torch until it exports."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import napari_sam2unet.export as e\n"
+        "import napari_sam2unet.convert.export as e\n"
         "from napari_sam2unet.errors import ModelError\n"
         "try:\n    e._import_torch()\nexcept ModelError as err:\n    print(err)\n"
     )

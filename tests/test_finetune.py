@@ -10,9 +10,10 @@ torch = pytest.importorskip("torch", reason="fine-tuning needs the [train] extra
 
 from conftest import build_brightness_model, write_nifti, write_test_card  # noqa: E402
 
-from napari_sam2unet import export, models  # noqa: E402
+from napari_sam2unet import models  # noqa: E402
 from napari_sam2unet.backends import open_backend  # noqa: E402
 from napari_sam2unet.cli import main  # noqa: E402
+from napari_sam2unet.convert import export  # noqa: E402
 from napari_sam2unet.engine import Engine  # noqa: E402
 from napari_sam2unet.io import read_volume  # noqa: E402
 from napari_sam2unet.models import find_model, list_models, sha256_file  # noqa: E402

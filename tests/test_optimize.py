@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="export tests need the [export] extra (torch)")
 pytest.importorskip("onnx", reason="export tests need the [export] extra (onnx)")
 
-from napari_sam2unet import optimize  # noqa: E402
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
+from napari_sam2unet.convert import optimize  # noqa: E402
+from napari_sam2unet.convert.export import add_export_parser, export_onnx  # noqa: E402
 from napari_sam2unet.errors import ModelError  # noqa: E402
-from napari_sam2unet.export import add_export_parser, export_onnx  # noqa: E402
 from napari_sam2unet.modeling import build_sam2unet  # noqa: E402
 from napari_sam2unet.modeling.configs import tiny_test_config  # noqa: E402
 from napari_sam2unet.models import load_card, sha256_file  # noqa: E402

@@ -110,7 +110,7 @@ def test_constant_left_matmul_moves_the_constant_right(tmp_path):
 def test_cli_export_target_qnn(tmp_path):
     """`sam2unet export --target qnn` writes a batch-1, QNN-ready graph and says so in its card."""
     torch = pytest.importorskip("torch", reason="exporting needs the [export] extra (torch)")
-    from napari_sam2unet.export import add_export_parser
+    from napari_sam2unet.convert.export import add_export_parser
     from napari_sam2unet.modeling import build_sam2unet
 
     torch.manual_seed(0)

@@ -108,3 +108,6 @@ def test_two_objects_segmented_edited_saved_and_reopened(qtbot, make_napari_view
     assert operations[:3] == [("run", 1), ("run", 1), ("commit", 1)]
     assert ("run", 2) in operations and ("refine", 2) in operations
     assert operations[-2:] == [("refine", 1), ("commit", 1)]
+    # refined points are recorded as the CLI records them: {slice, i, j, positive}
+    refined = [point for run in runs if run["operation"] == "refine" for point in run["points"]]
+    assert refined and all(set(point) == {"slice", "i", "j", "positive"} for point in refined)

@@ -15,6 +15,7 @@ from napari_sam2unet.cli import main  # noqa: E402
 from napari_sam2unet.models import InputSpec, find_model  # noqa: E402
 from napari_sam2unet.training import data as tdata  # noqa: E402
 from napari_sam2unet.training import datasets  # noqa: E402
+from napari_sam2unet.training import sources as tsources  # noqa: E402
 
 
 def _small_data(shared_data) -> list[str]:
@@ -25,7 +26,7 @@ def _small_data(shared_data) -> list[str]:
 
 def test_training_crops_show_a_boxed_structure_framed_in_many_ways(shared_data):
     specs = datasets.find_cases([datasets.default_manifest()], root=shared_data)
-    sources = tdata.load_sources([c for c in specs if c.split == "train"][:4])
+    sources = tsources.load_sources([c for c in specs if c.split == "train"][:4])
     spec = InputSpec(channels="multiview", crop="box_aspect")
     rng = np.random.default_rng(0)
     x, y = tdata.batch(rng, sources, spec, (64, 64), 24)
@@ -44,7 +45,7 @@ def test_training_crops_show_a_boxed_structure_framed_in_many_ways(shared_data):
 
 def test_the_bundled_manifest_splits_by_patient_and_trains_only_on_shippable_licences(shared_data):
     cases = datasets.find_cases([datasets.default_manifest()], root=shared_data)
-    splits = tdata.split_cases(cases)  # raises if a patient were in two splits
+    splits = tsources.split_cases(cases)  # raises if a patient were in two splits
     assert all(splits[name] for name in ("train", "validation", "test"))
     for case in splits["train"]:
         assert all(path.is_file() for path in case.files()), case.name

@@ -47,7 +47,7 @@ from .models import DEFAULT_MODEL, find_model, list_models
 from .objects import SegObject
 from .preprocess import WINDOW_CHOICES
 from .prompts import Prompts
-from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, edit_record, run_record
+from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, edit_record, prompts_record, run_record
 from .session import session_for
 from .views import DISPLAY_WINDOWS, PLANES, display_limits, plane_view, ras_mm
 
@@ -902,7 +902,7 @@ class SegmentWidget(Container):
         step.close()
         step.state_after = obj.state()
         step.record = edit_record("refine", obj.label, threshold=obj.result.threshold,
-                                  points=[[p.slice, p.i, p.j, p.positive] for p in obj.prompts.points],
+                                  points=prompts_record(obj.prompts)["points"],
                                   voxels_written=step.voxels(obj.label))
         self.session.history.push(step)
         self._record(step.layer)

@@ -21,7 +21,7 @@ from .preprocess import WINDOW_CHOICES
 # Subcommands whose code lives beside the modules they drive: (module, add-parser function).
 _EXTRA_COMMANDS = [
     ("napari_sam2unet.qnn.build", "add_npu_parser"),
-    ("napari_sam2unet.export", "add_export_parser"),
+    ("napari_sam2unet.convert.export", "add_export_parser"),
     ("napari_sam2unet.training.train", "add_train_parser"),
     ("napari_sam2unet.training.evaluate", "add_eval_parser"),
     ("napari_sam2unet.training.finetune", "add_finetune_parser"),

@@ -9,7 +9,7 @@ stay in one split), a modality and a licence. Three layouts are read:
 - a manifest (`.yaml` / `.json`): a list of cases with paths relative to its `root`
   (`${SAM2UNET_DATA}` is expanded) or to the manifest's folder, each with a `split`.
 
-Only paths and metadata are read here; voxels are loaded by `data.load_case`.
+Only paths and metadata are read here; voxels are loaded by `sources.load_case`.
 """
 
 from __future__ import annotations

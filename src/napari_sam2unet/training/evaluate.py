@@ -177,7 +177,7 @@ SCOPE_OF = {"tight": "slices", "jittered": "slices", "interpolated": "between", 
 def load_cases(specs, axis: int, seed: int, min_voxels: int) -> list[tuple]:
     """(volume, structures) per scan: every id of each label layer, and each union layer as one."""
     from ..io import read_volume
-    from .data import load_layer
+    from .sources import load_layer
 
     loaded = []
     for spec in specs:

@@ -96,10 +96,10 @@ def _base_from_checkpoint(path: Path, config: str | None) -> Base:
         return Base(model, saved["config"], spec, spec.size, path.stem, path, sha256_file(path),
                     {"input": {"channels": spec.channels, "crop": spec.crop, "margin": spec.margin}},
                     "a `sam2unet train` run's EMA weights")
-    from ..checkpoints import load_sam2unet
+    from ..convert.checkpoints import load_sam2unet
 
     model = load_sam2unet(path, config or "large")
-    spec = InputSpec()  # the official preprocessing (export.py's card defaults)
+    spec = InputSpec()  # the official preprocessing (convert/export.py's card defaults)
     return Base(model, model.config.name, spec, spec.size, path.stem, path, sha256_file(path), {},
                 "an official SAM2-UNet state dict")
 
@@ -168,7 +168,7 @@ def volume_data(image: np.ndarray, labels: np.ndarray, spacing, channels: str, a
 def select_slices(image: np.ndarray, labels: np.ndarray, axis: int = 2, slices=None, label_ids=None,
                   what: str = "the label map"):
     """(integer labels, ids, {slice: ids on it}, training slices), or one line saying what is wrong."""
-    from .data import check_pair
+    from .sources import check_pair
 
     labels = np.asarray(labels)
     if labels.shape != image.shape:
@@ -239,7 +239,7 @@ def specs_data(cases, channels: str, axis: int = 2, window: str = "auto") -> Lab
     """cases_data for CaseSpec objects (datasets.py): train cases train, validation cases score."""
     from ..io import read_volume
     from ..models import sha256_file
-    from .data import load_layer, split_cases
+    from .sources import load_layer, split_cases
 
     splits = split_cases(cases)
     if not splits["train"]:
@@ -443,7 +443,7 @@ def card_extra(base: Base, data: Labelled, settings: Settings, before: float, af
 def write_model(base: Base, out: Path, extra: dict, name: str | None, overwrite: bool = False) -> Path:
     """Export ONNX + card into a temporary folder beside `out`, then move both in (card last):
     discovery reads cards, so a model appears whole or not at all."""
-    from ..export import export_onnx
+    from ..convert.export import export_onnx
 
     out = Path(out)
     card_path = out.with_suffix(".yaml")

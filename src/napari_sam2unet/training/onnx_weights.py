@@ -20,7 +20,7 @@ from ..errors import ModelError, require_torch
 # Largest |logit difference| torch vs onnxruntime accepted for a rebuilt model, per unit of the
 # largest |logit| (at least 1): two fp32 runtimes differ by ~1e-5 of it, a wrong weight by ~1.
 TOLERANCE = 1e-4
-PREFIX = "inner."  # export.py wraps the model as `inner` (first logit map only)
+PREFIX = "inner."  # convert/export.py wraps the model as `inner` (first logit map only)
 NOT_IN_GRAPH = ("side1.", "side2.", "up4.")  # unused by the prediction: absent from the ONNX
 PURPOSE = "rebuilding trainable weights from an ONNX file"  # what needs torch, for its message
 

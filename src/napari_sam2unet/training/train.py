@@ -227,7 +227,7 @@ def _training_data(args) -> tuple[InputSpec, dict]:
     """The input spec and the cases by split. Every training case is read once here: a bad file
     stops the run with its name, before any step (the crop stream reads them again in its own
     process)."""
-    from .data import load_sources
+    from .sources import load_sources
 
     splits = training_cases(args)
     load_sources(splits["train"])
@@ -372,8 +372,8 @@ def _save_atomic(torch, state: dict, path: Path) -> None:
 
 def training_cases(args) -> dict:
     """The run's cases by split (train, validation, test), from --data and --val-data."""
-    from .data import split_cases
     from .datasets import default_manifest, find_cases
+    from .sources import split_cases
 
     root = args.data_root or None
     cases = find_cases(args.data or [default_manifest()], "train", root)
@@ -485,7 +485,7 @@ def export(args, best_path: Path) -> Path:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     extra = card_extra(args, state, trained_steps)
     if args.arch == "sam2unet":
-        from ..export import export_onnx
+        from ..convert.export import export_onnx
 
         card = export_onnx(model, onnx_path, args.config, card_extra=extra, name=args.name)
     else:
@@ -496,7 +496,7 @@ def export(args, best_path: Path) -> Path:
 
 def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
     """Export a plain torch model (first output only) with a card."""
-    from ..export import INPUT_NAME, OUTPUT_NAME, _first_logits_module, _merge, trace_onnx
+    from ..convert.export import INPUT_NAME, OUTPUT_NAME, _first_logits_module, _merge, trace_onnx
     from ..models import card_fields, write_card
 
     trace_onnx(_first_logits_module(model, "nchw").eval(), onnx_path)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 SIZE = 352
 MIN_DICE = 0.97
@@ -36,7 +36,7 @@ def _attend(attn, qkv):
     """MultiScaleAttention.forward after its qkv Linear and before its proj Linear."""
     import torch.nn.functional as F
 
-    from .modeling.hiera import pool_tokens
+    from ..modeling.hiera import pool_tokens
 
     batch, height, width, _ = qkv.shape
     q, k, v = qkv.reshape(batch, height * width, 3, attn.num_heads, -1).unbind(2)
@@ -110,7 +110,7 @@ def _block_forward(self, x):
     """
     import torch.nn.functional as F
 
-    from .modeling.hiera import from_windows, pad_to_windows, pool_tokens, to_windows
+    from ..modeling.hiera import from_windows, pad_to_windows, pool_tokens, to_windows
 
     shortcut = x
     x = self.norm1(x)
@@ -140,7 +140,7 @@ def _block_forward(self, x):
 @contextlib.contextmanager
 def unpadded_linears(model):
     """Within the block, every Hiera block runs `_block_forward` (the model is left as it was)."""
-    from .modeling.hiera import MultiScaleBlock
+    from ..modeling.hiera import MultiScaleBlock
 
     blocks = [m for m in model.modules() if isinstance(m, MultiScaleBlock)]
     for block in blocks:
@@ -167,10 +167,10 @@ def real_slices(paths=None, count: int = CALIBRATION_SLICES + PARITY_SLICES) -> 
     """`count` whole axial slices (N x 3 x 352 x 352) from the middle 60% of each scan, made
     model inputs by the engine's own preprocessing (window, square crop, resize, normalise).
     Default: the bundled sample MRI."""
-    from ._sample_data import SAMPLE_IMAGE
-    from .io import read_volume
-    from .models import InputSpec
-    from .preprocess import crop_for_slice, plan_views, sample_crop, to_model_input
+    from .._sample_data import SAMPLE_IMAGE
+    from ..io import read_volume
+    from ..models import InputSpec
+    from ..preprocess import crop_for_slice, plan_views, sample_crop, to_model_input
 
     paths = [Path(p) for p in (paths or [SAMPLE_IMAGE])]
     spec, out = InputSpec(), []

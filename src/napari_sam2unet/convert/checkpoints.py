@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, require_torch
+from ..errors import ModelError, require_torch
 
 SHOW = 5  # how many keys an error message lists
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
@@ -63,7 +63,7 @@ def is_sam21(state: Mapping[str, Any]) -> bool:
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a config's state dict, without allocating weights."""
     torch = require_torch("loading checkpoints (.pt/.pth)")
-    from .modeling import Sam2Unet
+    from ..modeling import Sam2Unet
 
     with torch.device("meta"):
         model = Sam2Unet(config)
@@ -95,7 +95,7 @@ def _first(items: list[str]) -> str:
 
 def guess_config(state: Mapping[str, Any]) -> str | None:
     """The config whose names and shapes the state dict matches exactly, if any."""
-    from .modeling import CONFIGS
+    from ..modeling import CONFIGS
 
     for name, config in CONFIGS.items():
         missing, unexpected, differ = describe_mismatch(state, _expected_shapes(config))
@@ -140,7 +140,7 @@ def load_sam2unet(checkpoint: str | os.PathLike | Mapping[str, Any], config="lar
 
     `checkpoint` is a path or an already loaded mapping; wrapped state dicts are unwrapped.
     """
-    from .modeling import Sam2Unet, get_config
+    from ..modeling import Sam2Unet, get_config
 
     config = get_config(config)
     if isinstance(checkpoint, Mapping):

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, require_torch
-from .models import INPUT_SIZE, InputSpec, card_fields, sha256_file, write_card
+from ..errors import ModelError, require_torch
+from ..models import INPUT_SIZE, InputSpec, card_fields, sha256_file, write_card
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -175,7 +175,7 @@ def export_onnx(
     `optimize`: the fastest graph that passes the parity check (optimize.py), calibrated and
     checked on the `calibration` scans (default: the bundled sample MRI).
     """
-    from .modeling import count_parameters
+    from ..modeling import count_parameters
 
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
@@ -217,7 +217,7 @@ def export_qnn_ready(model, out_path: str | os.PathLike, config_name: str, **opt
     """
     import yaml
 
-    from .qnn.rewrite import make_qnn_ready
+    from ..qnn.rewrite import make_qnn_ready
 
     if options.get("int8") or options.get("optimize"):
         raise ModelError("--target qnn quantises with calibration data in `sam2unet npu build`; drop --int8")
@@ -273,8 +273,8 @@ def add_export_parser(subparsers) -> None:
 def run_export(args) -> int:
     """The `sam2unet export` command: load strictly, export, write the card."""
     _import_torch()
+    from ..modeling import get_config
     from .checkpoints import load_sam2unet
-    from .modeling import get_config
 
     try:
         config = get_config(args.config)

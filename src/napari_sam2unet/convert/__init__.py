@@ -1,0 +1,6 @@
+"""PyTorch checkpoints to ONNX models (needs the [export] extra): load official and trained
+checkpoints, export the contract's graph, make a faster graph that passes a parity check.
+
+Nothing here is imported by the inference library; torch is imported on first use, so that
+`sam2unet export --help` works without it.
+"""
