@@ -519,14 +519,17 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
 
 
-def propagation_continues(mask: np.ndarray, previous: np.ndarray, min_overlap: float = PROPAGATE_MIN_OVERLAP) -> bool:
+def propagation_continues(mask: np.ndarray, previous: np.ndarray, min_overlap: float | None = None) -> bool:
     """Whether a propagated slice's mask is still the structure: not vanished, not jumped away."""
     return propagation_stop(mask, previous, min_overlap) is None
 
 
-def propagation_stop(mask: np.ndarray, previous: np.ndarray, min_overlap: float = PROPAGATE_MIN_OVERLAP,
+def propagation_stop(mask: np.ndarray, previous: np.ndarray, min_overlap: float | None = None,
                      max_growth: float | None = None) -> str | None:
-    """Why propagation stops at this mask ('vanished', 'jumped ...', 'grew ...'), or None."""
+    """Why propagation stops at this mask ('vanished', 'jumped ...', 'grew ...'), or None.
+
+    Unset limits are the module's at call time, so a benchmark that changes them reaches every caller."""
+    min_overlap = PROPAGATE_MIN_OVERLAP if min_overlap is None else min_overlap
     max_growth = PROPAGATE_MAX_GROWTH if max_growth is None else max_growth
     area, before = int(mask.sum()), int(previous.sum())
     if area < MIN_PROPAGATE_PIXELS:

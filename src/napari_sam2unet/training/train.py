@@ -388,15 +388,15 @@ def training_cases(args) -> dict:
 
 
 # Words in a case's licence that forbid shipping weights trained on it under Apache-2.0.
-RESTRICTIVE_LICENCE_WORDS = ("nc", "non-commercial", "noncommercial", "measuring only", "gpl", "not restated")
+RESTRICTIVE_LICENCE_WORDS = ("nc", "non commercial", "noncommercial", "measuring only", "gpl", "not restated")
 
 
 def weights_licence(train_cases) -> str:
     """Apache-2.0 only when every training case's licence is stated and allows shipping weights."""
     def restrictive(licence: str) -> bool:
-        words = licence.lower().replace("-", " ").replace("(", " ").replace(")", " ").split()
-        text = " ".join(words)
-        return not licence or any(w in words or (" " in w and w in text) for w in RESTRICTIVE_LICENCE_WORDS)
+        # Whole words only ("nc" in "CC BY-NC-SA", not in "since"): punctuation becomes spaces.
+        text = " " + " ".join("".join(c if c.isalnum() or c == "." else " " for c in licence.lower()).split()) + " "
+        return not licence or any(f" {words} " in text for words in RESTRICTIVE_LICENCE_WORDS)
 
     blocked = sorted({c.licence or "unstated" for c in train_cases if restrictive(c.licence)})
     if not blocked:
