@@ -28,7 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = (EVAL_SIZE, EVAL_SIZE)
-    sources = tsources.load_sources()
+    # The bundled manifest's patients: training crops from the train split, held-out crops from
+    # the validation split, as `sam2unet train` draws them.
+    from napari_sam2unet.training.datasets import default_manifest, find_cases
+    from napari_sam2unet.training.sources import split_cases
+
+    splits = split_cases(find_cases([default_manifest()], "train"))
+    sources = tsources.load_sources(splits["train"])
     crops = {}  # per input spec: (training crops, validation crops), the same for every run
     print("| run | arch / config | parameters (M) | training-crop Dice | validation-crop Dice |")
     print("|---|---|---|---|---|")
@@ -38,7 +44,7 @@ def main() -> None:
         if spec not in crops:
             rng = np.random.default_rng(args.seed)
             crops[spec] = (tdata.batch(rng, sources, spec, size, args.crops),
-                           tdata.validation_set(spec, size, n=args.crops))
+                           tdata.validation_set(spec, size, splits["validation"], n=args.crops))
         (train_x, train_y), (val_x, val_y) = crops[spec]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         name = saved["config"] if saved["arch"] == "sam2unet" else "plain U-Net"

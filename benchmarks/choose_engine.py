@@ -34,6 +34,7 @@ def variants():
         yield f"propagation max growth {most}", {"max_growth": most}
     for growth in (0.0, 0.1):
         yield f"propagation growth {growth}", {"growth": growth}
+    yield "flip average", {"flip": True}
 
 
 def run(model, settings, cases, protocols):
@@ -44,10 +45,17 @@ def run(model, settings, cases, protocols):
     engine.PROPAGATE_MIN_OVERLAP = settings.get("overlap", saved[2])
     engine.PROPAGATE_GROWTH = settings.get("growth", saved[3])
     engine.PROPAGATE_MAX_GROWTH = settings.get("max_growth", saved[4])
+    init = engine.Engine.__init__
+    if settings.get("flip"):
+        def flipped_init(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.flip_average = True
+        engine.Engine.__init__ = flipped_init
     try:
         return evaluate(cases, [model], margin=settings.get("margin"), threshold=settings.get("threshold"),
                         protocols=protocols, baseline=False, threads=2)
     finally:
+        engine.Engine.__init__ = init
         (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
          engine.PROPAGATE_GROWTH, engine.PROPAGATE_MAX_GROWTH) = saved
 
