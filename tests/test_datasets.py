@@ -96,3 +96,26 @@ def test_a_folder_without_cases_says_which_layouts_it_reads(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no case folders"):
         find_cases([tmp_path / "empty"])
+
+
+def test_a_crop_stream_with_several_workers_is_reproducible_and_extends_the_one_worker_stream(tmp_path):
+    from napari_sam2unet.models import InputSpec
+    from napari_sam2unet.training.data import CropStream
+
+    _pair(tmp_path / "a")
+    cases = find_cases([tmp_path])
+    spec = InputSpec(channels="multiview", crop="box_aspect", margin=0.15)
+
+    def draw(workers, n):
+        stream = CropStream(7, spec, (32, 32), 2, cases, workers=workers)
+        try:
+            return [stream.get(timeout=120)[0] for _ in range(n)]
+        finally:
+            stream.close()
+
+    one = draw(1, 2)
+    two, again = draw(2, 4), draw(2, 4)
+    assert all(np.array_equal(a, b) for a, b in zip(two, again))  # the same run twice: the same batches
+    # Worker 0 draws the one-worker stream; worker 1 draws other crops.
+    assert np.array_equal(two[0], one[0]) and np.array_equal(two[2], one[1])
+    assert not np.array_equal(two[1], two[0])

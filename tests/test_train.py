@@ -76,6 +76,7 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
     card = find_model(onnx_path)  # hash checked
     assert card.input.channels == "multiview" and card.input.crop == "box_aspect"
     assert card.raw["training"]["steps"] == 4
+    assert card.raw["training"]["trained_on"].startswith("CPU: ")  # where it was trained, from the checkpoint
     assert [c["case"] for c in card.raw["data"]["train"]] == ["itksnap_mricrop_brain"]
     assert [c["case"] for c in card.raw["data"]["validation"]] == ["mial_fetal_brain_run1"]
     # exporting again later needs only the run folder: the card describes the run, not this call

@@ -131,6 +131,13 @@ CONFIGS: dict[str, Sam2UnetConfig] = {
 # Tried for the bundled model and not chosen (docs/performance.md): patch stride 4 as in the
 # official models, finer first features (48x48 at the work size) for a narrower trunk; and the
 # same with the official decoder width (RFB to 64 channels) and a second finest-stage block.
+# For a GPU run (scripts/gpu_train.sh): three times compact's parameters (12.6 M, a 52 MB ONNX),
+# 2.3x its time per slice on the 2-core CPU (23 ms against 10, loaded machine), inside the
+# product's 100 ms and 60 MB; too slow to train on that CPU in a session.
+CONFIGS["medium"] = replace(
+    CONFIGS["compact"], name="medium", embed_dim=64, stages=(1, 2, 6, 2), global_att_blocks=(4, 5, 6, 7, 8, 9, 10),
+    adapter_dim=32, rfb_channels=48,
+)
 CONFIGS["compact_s4"] = replace(CONFIGS["compact"], name="compact_s4", embed_dim=32, patch_stride=4)
 CONFIGS["compact_w"] = replace(
     CONFIGS["compact_s4"], name="compact_w", stages=(2, 2, 4, 1), global_att_blocks=(5, 6, 7, 8), rfb_channels=64

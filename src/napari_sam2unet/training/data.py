@@ -156,25 +156,38 @@ def _producer(queue, seed, spec_dict, size, batch_size, cases):
 
 
 class CropStream:
-    """Batches generated continuously in a second process (a queue a few batches deep)."""
+    """Batches generated continuously in worker processes (each a queue a few batches deep).
 
-    def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[CaseSpec], depth=6):
+    Batches are taken from the workers in turn, so a stream is reproducible whatever their
+    speed; worker 0 draws exactly what a one-worker stream draws. More workers keep a GPU fed
+    (one makes ~30 crops/s at 192 px on one core)."""
+
+    def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[CaseSpec], depth=6,
+                 workers: int = 1):
         ctx = mp.get_context("spawn")
-        self.queue = ctx.Queue(maxsize=depth)
         spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
-        self.proc = ctx.Process(
-            target=_producer, args=(self.queue, seed, spec_dict, tuple(size), batch_size, list(cases)),
-            daemon=True,
-        )
-        self.proc.start()
+        self.queues, self.procs, self.turn = [], [], 0
+        for index in range(max(1, workers)):
+            queue = ctx.Queue(maxsize=depth)
+            # Worker i > 0 gets a stream of its own: (seed, i) seeds an independent generator.
+            worker_seed = seed if index == 0 else [seed, index]
+            proc = ctx.Process(target=_producer, daemon=True,
+                               args=(queue, worker_seed, spec_dict, tuple(size), batch_size, list(cases)))
+            proc.start()
+            self.queues.append(queue)
+            self.procs.append(proc)
 
     def get(self, timeout=600):
-        return self.queue.get(timeout=timeout)
+        queue = self.queues[self.turn % len(self.queues)]
+        self.turn += 1
+        return queue.get(timeout=timeout)
 
     def close(self):
-        if self.proc.is_alive():
-            self.proc.terminate()
-        self.proc.join(timeout=5)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=5)
 
 
 def validation_set(spec: InputSpec, size, cases: list[CaseSpec], n: int = 160, seed: int = 1234):
