@@ -72,15 +72,22 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data
     assert not models.exists() or not any(models.iterdir())
     monkeypatch.setattr(ft, "training_batch", real_batch)
 
-    # Ctrl-C while the model is being written: still nothing (the files move in at the end)
-    real_export = export.export_onnx
+    # Ctrl-C while the model is being written: still nothing (the files move in at the end),
+    # whether the weights go into the base graph (frozen trunk) or the model is exported again
+    real_card, real_export = ft._write_card, export.export_onnx
 
-    def export_then_stop(*a, **k):
-        real_export(*a, **k)
-        raise KeyboardInterrupt
+    def then_stop(real):
+        def run(*a, **k):
+            real(*a, **k)
+            raise KeyboardInterrupt
+        return run
 
-    monkeypatch.setattr(export, "export_onnx", export_then_stop)
+    monkeypatch.setattr(ft, "_write_card", then_stop(real_card))
     assert main(args) == 130
+    assert not any(models.iterdir())
+    monkeypatch.setattr(ft, "_write_card", real_card)
+    monkeypatch.setattr(export, "export_onnx", then_stop(real_export))
+    assert main([*args, "--trunk", "trained"]) == 130
     assert not any(models.iterdir())
     monkeypatch.setattr(export, "export_onnx", real_export)
     capsys.readouterr()
@@ -99,6 +106,7 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data
     assert validation["crops"] == 20  # the labelled slices 7-29 not trained on
     assert 0 <= validation["dice_before"] <= 1 and 0 <= validation["dice_after"] <= 1
     assert card.input == base.input and card.threshold == base.threshold
+    assert info["written"].startswith("weights written into the base graph")  # no second export
 
     # the engine runs the new model: a box on an unlabelled slice gives a mask inside it
     volume = read_volume(shared_data / CASE / "image.nii.gz")
@@ -121,6 +129,39 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data
     assert main(args) == 2
     one_error_line(capsys, "exists", "--overwrite")
     assert out.read_bytes() == before
+
+
+def test_trained_weights_written_into_the_base_graph_are_the_models(tmp_path):
+    # every kind of weight the graph holds in its own form: linear (transposed), convolution with
+    # a folded BatchNorm (scale and shift trained), plain ones; onnxruntime must give torch's logits
+    base = ft.load_base(None)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ft.trainable(base.model, "frozen"):
+            p.add_(0.05 * torch.randn_like(p) * (p.abs().mean() + 1e-3))
+    how = ft.weights_into_graph(base, tmp_path / "w.onnx")
+    assert how and "logit difference" in how
+    ft._write_card(base, tmp_path / "w.onnx", {}, "w", how)
+    rebuilt, difference = model_from_onnx(models.load_card(tmp_path / "w.yaml"))
+    assert difference < TOLERANCE
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 352, 352)).astype(np.float32))
+    with torch.no_grad():
+        got, want = rebuilt(x)[0], base.model(x)[0]
+    assert float((got - want).abs().max()) < TOLERANCE * max(1.0, float(want.abs().max()))
+
+
+def test_exact_crops_are_framed_as_the_evaluation_frames_them(shared_data):
+    # --exact 1: every training crop is the validation crop of its slice (up to flips and window)
+    volume = read_volume(shared_data / CASE / "image.nii.gz")
+    labels = np.asarray(read_volume(shared_data / CASE / "label.nii.gz").data)
+    base = ft.load_base(None)
+    data = ft.volume_data(volume.data, labels, volume.spacing, base.spec.channels, 2, [18], [4])
+    _, want = ft.validation_crops(data.train, base.spec, base.train_size)
+    _, ys = ft.training_batch(np.random.default_rng(0), data.train, base.spec, base.train_size, 6, exact=1.0)
+    flips = [want[0, 0], want[0, 0, ::-1], want[0, 0, :, ::-1], want[0, 0, ::-1, ::-1]]
+    assert all(any(np.array_equal(y[0], f) for f in flips) for y in ys)
+    _, jittered = ft.training_batch(np.random.default_rng(0), data.train, base.spec, base.train_size, 6)
+    assert not all(any(np.array_equal(y[0], f) for f in flips) for y in jittered)
 
 
 def test_without_a_models_folder_set_models_go_to_the_per_user_folder_that_is_searched(tmp_path, monkeypatch):

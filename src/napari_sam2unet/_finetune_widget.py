@@ -153,7 +153,7 @@ class FinetuneWidget(Container):
         before, after = yield from ft.iter_finetune(base, data, settings)
         seconds = time.perf_counter() - began
         extra = ft.card_extra(base, data, settings, before, after, seconds, "napari: Fine-tune SAM2-UNet")
-        card = ft.write_model(base, job["out"], extra, job["name"])
+        card = ft.write_model(base, job["out"], extra, job["name"], trunk=settings.trunk)
         return ft.Result(card, job["out"], before, after, seconds), job["name"]
 
     def _on_yield(self, report):
