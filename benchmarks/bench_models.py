@@ -11,7 +11,8 @@ parity of each against fp32 torch on real MR slices through the engine's CPU bac
 Run: nice -n 19 python benchmarks/bench_models.py [--configs compact large] [--threads 2]
 The exports and calibration run at the script's priority; the timed processes (latencies and
 the MatMul peak) are raised back to nice 0 where allowed (root), so a shared machine's other
-nice-19 jobs take little from them. Needs the [export] extra (torch, onnx).
+nice-19 jobs take little from them (--inherit-priority: not). --rounds also times the three
+graphs in turn in one process, where a changing load hits all alike. Needs the [export] extra (torch, onnx).
 """
 
 from __future__ import annotations
@@ -81,6 +82,33 @@ print(json.dumps({"gflops": 2 * n**3 / min(times) / 1e9}))
 """
 
 
+# Graphs run in turn in one process, so a shared machine's changing load hits all alike.
+_INTERLEAVED = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort
+paths, threads, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads
+options.inter_op_num_threads = 1
+sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
+x = np.random.default_rng(0).standard_normal((1, 3, 352, 352)).astype(np.float32)
+for s in sessions:
+    s.run(None, {s.get_inputs()[0].name: x})
+times = [[] for _ in paths]
+for _ in range(rounds):
+    for s, t in zip(sessions, times):
+        began = time.perf_counter()
+        s.run(None, {s.get_inputs()[0].name: x})
+        t.append(time.perf_counter() - began)
+print(json.dumps([{"median": float(np.median(t)), "min": min(t)} for t in times]))
+"""
+
+
+def interleaved(paths: list[Path], threads: int, rounds: int) -> list[dict]:
+    """Batch-1 seconds (median and fastest of `rounds`) of graphs run in turn in one process."""
+    return timed(_INTERLEAVED, json.dumps([str(p) for p in paths]), str(threads), str(rounds))
+
+
 def matmul_peak(threads: int, n: int = 1536) -> float:
     """onnxruntime's fp32 GEMM rate on this machine, GFLOP/s (an n x n x n MatMul)."""
     return timed(_PEAK, str(threads), str(n))["gflops"]
@@ -131,8 +159,14 @@ def engine_logits(card_path: Path, batch: np.ndarray) -> np.ndarray:
     return np.concatenate([backend.predict(batch[i : i + 1]) for i in range(len(batch))])
 
 
+RAISE_PRIORITY = {"on": True}
+
+
 def _normal_priority() -> None:
-    """In a timed child: back to nice 0 if this user may raise priority, else as inherited."""
+    """In a timed child: back to nice 0 if this user may raise priority (and --inherit-priority
+    was not given), else as inherited."""
+    if not RAISE_PRIORITY["on"]:
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
     except OSError:
@@ -155,9 +189,10 @@ def latency(path: Path, threads: int, repeats: int, batches: str = "[1, 4]") -> 
 VARIANTS = ("fp32", "int8", "opt")
 
 
-def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.ndarray) -> dict:
+def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.ndarray, rounds: int = 0) -> dict:
     """fp32 export, its dynamic int8 MatMuls (the baselines), and `export --optimize`. Weights
-    and graphs already in `workdir` (a --keep folder) are reused, not exported again."""
+    and graphs already in `workdir` (a --keep folder) are reused, not exported again; a graph
+    missing there (say the opt graph, deleted to time a new --optimize) is exported anew."""
     import torch
     import yaml
 
@@ -167,16 +202,15 @@ def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.nda
     model = build_sam2unet(config)
     weights = workdir / f"{config}.pt"
     cards = {v: workdir / f"{config}{'' if v == 'fp32' else '_' + v}.yaml" for v in VARIANTS}
-    kept = weights.is_file() and all(c.is_file() and c.with_suffix(".onnx").is_file() for c in cards.values())
-    if kept:
+    present = [v for v, c in cards.items() if c.is_file() and c.with_suffix(".onnx").is_file()]
+    if weights.is_file():
         model.load_state_dict(torch.load(weights))
         model.eval()
     else:
-        model = calibrated(model, slices)
-    row = {"config": config, "params_m": count_parameters(model) / 1e6, "gflop": gflop(model), "reused": kept}
-    if not kept:
-        row.update(export_all(model, config, workdir, cards))
+        model, present = calibrated(model, slices), []
         torch.save(model.state_dict(), weights)
+    row = {"config": config, "params_m": count_parameters(model) / 1e6, "gflop": gflop(model), "reused": present}
+    row.update(export_all(model, config, workdir, cards, skip=present))
     row["opt_chosen"] = yaml.safe_load(cards["opt"].read_text())["optimization"]["chosen"]
     with torch.no_grad():
         reference = model(torch.from_numpy(slices))[0].numpy()
@@ -193,19 +227,26 @@ def bench(config: str, threads: int, repeats: int, workdir: Path, slices: np.nda
         out = engine_logits(cards[variant], slices)
         row[f"{variant}_max_abs_diff"] = float(np.abs(out - reference).max())
         row[f"{variant}_dice"] = dice(out > cut, reference > cut)
+    if rounds:
+        paths = [cards[v].with_suffix(".onnx") for v in VARIANTS]
+        for variant, t in zip(VARIANTS, interleaved(paths, threads, rounds)):
+            row[f"{variant}_interleaved_ms"] = 1000 * t["median"]
     return row
 
 
-def export_all(model, config: str, workdir: Path, cards: dict[str, Path]) -> dict:
-    """The three graphs and their cards; the seconds each export took."""
+def export_all(model, config: str, workdir: Path, cards: dict[str, Path], skip=()) -> dict:
+    """The three graphs and their cards (but those in `skip`); the seconds each export took."""
     from napari_sam2unet.convert.export import export_onnx, quantize_int8
 
     began = time.perf_counter()
-    export_onnx(model, cards["fp32"].with_suffix(".onnx"), config)
-    quantize_int8(cards["fp32"].with_suffix(".onnx"), cards["int8"].with_suffix(".onnx"))
-    export_onnx_card(cards["fp32"], cards["int8"].with_suffix(".onnx"))
+    if "fp32" not in skip:
+        export_onnx(model, cards["fp32"].with_suffix(".onnx"), config)
+    if "int8" not in skip or "fp32" not in skip:
+        quantize_int8(cards["fp32"].with_suffix(".onnx"), cards["int8"].with_suffix(".onnx"))
+        export_onnx_card(cards["fp32"], cards["int8"].with_suffix(".onnx"))
     middle = time.perf_counter()
-    export_onnx(model, cards["opt"].with_suffix(".onnx"), config, optimize=True)
+    if "opt" not in skip:
+        export_onnx(model, cards["opt"].with_suffix(".onnx"), config, optimize=True)
     return {"export_s": middle - began, "optimize_s": time.perf_counter() - middle}
 
 
@@ -242,9 +283,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slices", type=int, default=4, help="real slices for parity")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="also time fp32, int8 and opt in turn in one process, this many rounds (0: not)")
+    parser.add_argument("--inherit-priority", action="store_true",
+                        help="timed processes keep the script's priority (nice 19 beside others' jobs)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="write weights and graphs here, and reuse those a previous run left (no re-export)")
     args = parser.parse_args()
+    RAISE_PRIORITY["on"] = not args.inherit_priority
 
     peak = matmul_peak(args.threads)
     print(f"onnxruntime fp32 MatMul peak on this machine: {peak:.0f} GFLOP/s ({args.threads} threads)", flush=True)
@@ -254,7 +300,7 @@ def main() -> None:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for config in args.configs:
-            row = bench(config, args.threads, args.repeats, workdir, slices)
+            row = bench(config, args.threads, args.repeats, workdir, slices, args.rounds)
             row["fp32_share_of_peak"] = row["gflop"] / (row["fp32_b1_ms"] / 1000) / peak
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -274,6 +320,10 @@ def print_tables(rows: list[dict], peak: float, end_peak: float, args) -> None:
         mib = " / ".join(f"{r[f'{v}_peak_mib']:.0f}" for v in VARIANTS)
         print(f"| {r['config']} | {r['params_m']:.1f} | {r['gflop']:.1f} | {mb} | {ms} | {r['opt_chosen']} | {mib} "
               f"| {rate:.0f} ({100 * r['fp32_share_of_peak']:.0f}%) |")
+    if args.rounds:
+        print(f"\ninterleaved, batch 1, median of {args.rounds} rounds (ms): "
+              + "; ".join(f"{r['config']} " + " / ".join(f"{r[f'{v}_interleaved_ms']:.0f}" for v in VARIANTS)
+                          for r in rows) + " (fp32 / int8 / opt)")
     print("\n| config | logit std | max abs logit diff vs torch: fp32 / int8 / opt "
           "| Dice vs torch: fp32 / int8 / opt |")
     print("|---|---|---|---|")

@@ -18,6 +18,7 @@ from napari_sam2unet.convert.export import add_export_parser, export_onnx  # noq
 from napari_sam2unet.errors import ModelError  # noqa: E402
 from napari_sam2unet.modeling import build_sam2unet  # noqa: E402
 from napari_sam2unet.modeling.configs import tiny_test_config  # noqa: E402
+from napari_sam2unet.modeling.hiera import MultiScaleBlock  # noqa: E402
 from napari_sam2unet.models import load_card, sha256_file  # noqa: E402
 
 # The full structure in small, computed at 224 px (resized from the 352 input) for speed: block
@@ -68,6 +69,29 @@ def test_unpadded_windows_are_exact(model, slices, monkeypatch):
     assert float((rewritten - before).abs().max()) <= 1e-5 * scale
     assert torch.equal(before, after)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_fused_attention_export_agrees_with_torch(model, slices, tmp_path):
+    """Attention exported as onnxruntime's MultiHeadAttention (windows folded into its batch,
+    the cut windows' bias key as its attention bias) gives the model's own logits in a real
+    onnxruntime session, with non-zero biases; no Softmax is left outside it."""
+    import collections
+
+    import onnx
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.bias, std=0.5, generator=torch.Generator().manual_seed(2))
+    path = optimize.export_unpadded(model, tmp_path / "mha.onnx", fused_attention=True)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    blocks = sum(isinstance(m, MultiScaleBlock) for m in model.modules())
+    # One per block, one per cut region of block 4's windows (whole, rows, columns, corner).
+    assert ops["MultiHeadAttention"] >= blocks and ops["Softmax"] == 0
+    x = slices[:2]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x))[0].numpy()
+    got = optimize.logits(optimize.session(path), x)
+    assert float(np.abs(got - reference).max()) <= 1e-4 * float(np.abs(reference).max())
 
 
 @pytest.fixture(scope="module")

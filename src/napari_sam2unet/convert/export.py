@@ -53,8 +53,15 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ModelError(f"--{what} is {value!r}; use one of {', '.join(allowed)}")
 
 
-def export_fp32(model, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
-    """Write the fp32 ONNX graph of `model` (a Sam2Unet) at 352x352."""
+def export_fp32(
+    model, out_path: Path, batch: str = "dynamic", layout: str = "nchw", fold: bool = True, **trace_options
+) -> Path:
+    """Write the fp32 ONNX graph of `model` (a Sam2Unet) at 352x352.
+
+    `fold`: run torch.onnx's own graph optimiser (constant folding, dead code). False skips it:
+    onnxruntime folds the graph at load anyway, and on the edge-window rewrite of Hiera-L
+    (optimize.py) that optimiser takes most of the export's ten minutes. `trace_options` go to
+    trace_onnx (optimize.py's custom attention translation)."""
     _import_torch()
     _check_choice(batch, ("dynamic", "1"), "batch")
     _check_choice(layout, ("nchw", "nhwc"), "layout")
@@ -64,14 +71,22 @@ def export_fp32(model, out_path: Path, batch: str = "dynamic", layout: str = "nc
     # Fold the bicubic resize of the position embedding into one constant for this grid.
     encoder.fix_position_embedding(grid, grid)
     try:
-        trace_onnx(_first_logits_module(model, layout).eval(), out_path, batch, layout)
+        trace_onnx(_first_logits_module(model, layout).eval(), out_path, batch, layout, fold, **trace_options)
     finally:
         encoder.release_position_embedding()
     return out_path
 
 
-def trace_onnx(wrapper, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
-    """Trace a module with one image input and one logit output to ONNX at 352x352."""
+def trace_onnx(
+    wrapper,
+    out_path: Path,
+    batch: str = "dynamic",
+    layout: str = "nchw",
+    fold: bool = True,
+    custom_translation_table: dict | None = None,
+) -> Path:
+    """Trace a module with one image input and one logit output to ONNX at 352x352 (`fold`:
+    torch.onnx's graph optimiser, see export_fp32)."""
     torch = _import_torch()
     # The dynamo exporter fails with a batch-1 example and a dynamic batch ("Invalid
     # ranges"); a batch-2 example traces the same graph.
@@ -94,7 +109,8 @@ def trace_onnx(wrapper, out_path: Path, batch: str = "dynamic", layout: str = "n
             dynamo=True,
             external_data=False,
             dynamic_shapes=dynamic,
-            optimize=True,
+            optimize=fold,
+            custom_translation_table=custom_translation_table,
         )
     return out_path
 
@@ -102,6 +118,7 @@ def trace_onnx(wrapper, out_path: Path, batch: str = "dynamic", layout: str = "n
 def quantize_int8(fp32_path: Path, out_path: Path, op_types: tuple[str, ...] = ("MatMul",)) -> Path:
     """Dynamic int8 quantisation of the weights of `op_types` (MatMul only by default:
     quantising the convolutions too is slower than fp32 on CPU, see docs/performance-models.md)."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -109,6 +126,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, op_types: tuple[str, ...] = (
         str(out_path),
         op_types_to_quantize=list(op_types),
         weight_type=QuantType.QInt8,
+        # onnx's shape inference gives contrib operators' outputs (MultiHeadAttention) no type.
+        extra_options={"DefaultTensorType": TensorProto.FLOAT},
     )
     return out_path
 

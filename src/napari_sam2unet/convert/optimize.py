@@ -32,10 +32,102 @@ PARITY_SLICES = 4
 # --- exact graph changes at export ---------------------------------------------------------
 
 
-def _attend(attn, qkv):
-    """MultiScaleAttention.forward after its qkv Linear and before its proj Linear."""
+# Set within unpadded_linears(fused_attention=True): attention runs as one operator, exported
+# as onnxruntime's com.microsoft.MultiHeadAttention (CPU kernel) instead of a Split, head
+# Transposes, two MatMuls and a Softmax.
+_FUSED = {"on": False}
+
+
+def _mha_op():
+    """torch.ops.sam2unet.mha(q, k, v, bias, num_heads), registered once: q (B, S, C), k and v
+    (B, T, C), heads interleaved in C as Hiera's qkv Linear lays them out; `bias` (1, 1, S, T)
+    is added to the scores (or None). Windows are part of B."""
+    import torch
     import torch.nn.functional as F
 
+    try:
+        return torch.ops.sam2unet.mha.default
+    except (AttributeError, RuntimeError):
+        pass
+
+    # An explicit schema: this module's annotations are strings (from __future__ import annotations).
+    schema = "(Tensor q, Tensor k, Tensor v, Tensor? bias, int num_heads) -> Tensor"
+
+    @torch.library.custom_op("sam2unet::mha", mutates_args=(), schema=schema)
+    def mha(q, k, v, bias, num_heads):
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], num_heads, -1).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias)
+        return y.transpose(1, 2).reshape(q.shape)
+
+    @mha.register_fake
+    def _(q, k, v, bias, num_heads):
+        return torch.empty_like(q)
+
+    return torch.ops.sam2unet.mha.default
+
+
+def _mha_onnx(q, k, v, bias=None, num_heads: int = 1):
+    """ONNX for sam2unet::mha: MultiHeadAttention (com.microsoft), scale 1/sqrt(head size) as
+    SDPA's; `bias` is its attention_bias input (the sixth)."""
+    import onnxscript
+
+    _register_mha_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    if bias is None:
+        return msft.MultiHeadAttention(q, k, v, num_heads=num_heads)
+    return msft.MultiHeadAttention(q, k, v, None, None, bias, num_heads=num_heads)
+
+
+def _register_mha_schema() -> None:
+    """onnxscript builds only operators with a schema in onnx's registry, which lacks
+    onnxruntime's contrib operators: register the inputs this module uses (no shape inference;
+    onnxruntime checks the node itself at load)."""
+    from onnx import defs
+
+    if defs.has("MultiHeadAttention", "com.microsoft"):
+        return
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    names = ("query", "key", "value", "bias", "key_padding_mask", "attention_bias")
+    inputs = [
+        defs.OpSchema.FormalParameter(
+            n, "T", param_option=optional if i > 2 else defs.OpSchema.FormalParameterOption.Single
+        )
+        for i, n in enumerate(names)
+    ]
+    schema = defs.OpSchema(
+        "MultiHeadAttention",
+        "com.microsoft",
+        1,
+        inputs=inputs,
+        outputs=[defs.OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], "")],
+        attributes=[defs.OpSchema.Attribute("num_heads", defs.OpSchema.AttrType.INT, required=True)],
+    )
+    defs.register_schema(schema)
+
+
+def translations() -> dict:
+    """torch.onnx's custom_translation_table for the fused attention."""
+    return {_mha_op(): _mha_onnx}
+
+
+def _sdpa(q, k, v, heads: int, mask=None):
+    """Attention of (B, S, heads, d) q and (B, T, heads, d) k, v -> (B, S, heads * d): SDPA, or
+    the fused operator when exporting with fused_attention."""
+    import torch.nn.functional as F
+
+    batch, length = q.shape[0], q.shape[1]
+    if _FUSED["on"]:
+        flat = [t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v)]
+        return _mha_op()(*flat, None if mask is None else mask[None, None], heads)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return y.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _attend(attn, qkv):
+    """MultiScaleAttention.forward after its qkv Linear and before its proj Linear."""
     from ..modeling.hiera import pool_tokens
 
     batch, height, width, _ = qkv.shape
@@ -44,8 +136,7 @@ def _attend(attn, qkv):
         q = pool_tokens(q.reshape(batch, height, width, -1), attn.q_pool)
         height, width = q.shape[1], q.shape[2]
         q = q.reshape(batch, height * width, attn.num_heads, -1)
-    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return x.transpose(1, 2).reshape(batch, height, width, -1)
+    return _sdpa(q, k, v, attn.num_heads).reshape(batch, height, width, -1)
 
 
 def _region_attention(attn, qkv, rows: int, cols: int, padded: int):
@@ -60,21 +151,20 @@ def _region_attention(attn, qkv, rows: int, cols: int, padded: int):
     import math
 
     import torch
-    import torch.nn.functional as F
 
     batch, height, width, c3 = qkv.shape
     heads, dim = attn.num_heads, c3 // 3 // attn.num_heads
     win = qkv.reshape(batch, height // rows, rows, width // cols, cols, c3).permute(0, 1, 3, 2, 4, 5)
-    q, k, v = win.reshape(-1, rows * cols, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = win.reshape(-1, rows * cols, 3, heads, dim).unbind(2)
     mask = None
     if padded:
         count = q.shape[0]
-        bias = attn.qkv.bias.reshape(3, 1, heads, 1, dim).expand(3, count, heads, 1, dim)
-        k, v = torch.cat([k, bias[1]], dim=2), torch.cat([v, bias[2]], dim=2)
-        mask = torch.zeros(1, rows * cols + 1, dtype=qkv.dtype)
-        mask[0, -1] = math.log(padded)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    y = y.transpose(1, 2).reshape(batch, height // rows, width // cols, rows, cols, c3 // 3)
+        bias = attn.qkv.bias.reshape(3, 1, 1, heads, dim).expand(3, count, 1, heads, dim)
+        k, v = torch.cat([k, bias[1]], dim=1), torch.cat([v, bias[2]], dim=1)
+        mask = torch.zeros(rows * cols, rows * cols + 1, dtype=qkv.dtype)
+        mask[:, -1] = math.log(padded)
+    y = _sdpa(q, k, v, heads, mask)
+    y = y.reshape(batch, height // rows, width // cols, rows, cols, c3 // 3)
     return y.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, c3 // 3)
 
 
@@ -138,26 +228,57 @@ def _block_forward(self, x):
 
 
 @contextlib.contextmanager
-def unpadded_linears(model):
-    """Within the block, every Hiera block runs `_block_forward` (the model is left as it was)."""
+def unpadded_linears(model, fused_attention: bool = False):
+    """Within the block, every Hiera block runs `_block_forward` (the model is left as it was);
+    `fused_attention`: its attention as one operator (sam2unet::mha, see translations)."""
     from ..modeling.hiera import MultiScaleBlock
 
     blocks = [m for m in model.modules() if isinstance(m, MultiScaleBlock)]
     for block in blocks:
         block.forward = types.MethodType(_block_forward, block)
+    _FUSED["on"] = fused_attention
     try:
         yield model
     finally:
+        _FUSED["on"] = False
         for block in blocks:
             del block.forward
 
 
-def export_unpadded(model, out_path: Path, batch: str = "dynamic", layout: str = "nchw") -> Path:
-    """The fp32 export (export.export_fp32) with padded windows skipped in the Linears."""
+def export_unpadded(
+    model, out_path: Path, batch: str = "dynamic", layout: str = "nchw", fused_attention: bool = False
+) -> Path:
+    """The fp32 export (export.export_fp32) with padded windows skipped in the Linears
+    (`fused_attention`: and attention as com.microsoft.MultiHeadAttention).
+
+    Without torch.onnx's graph optimiser (fold=False): on Hiera-L's cut windows it took most of
+    an eleven-minute export. onnxruntime's basic optimiser folds the constants instead (ort_fold)."""
     from .export import export_fp32
 
-    with unpadded_linears(model):
-        return export_fp32(model, out_path, batch, layout)
+    table = translations() if fused_attention else None
+    with unpadded_linears(model, fused_attention):
+        export_fp32(model, out_path, batch, layout, fold=False, custom_translation_table=table)
+    return ort_fold(out_path, out_path)
+
+
+def ort_fold(onnx_path: Path, out_path: Path) -> Path:
+    """onnxruntime's basic, device-independent graph optimisation (constant folding, redundant
+    nodes), saved. The unfolded export's value_info contradicts shape inference in places
+    (which quantize_dynamic runs), so it is dropped too."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        options.optimized_model_filepath = str(folded)
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(folded))
+    del graph.graph.value_info[:]
+    onnx.save(graph, str(out_path))
+    return Path(out_path)
 
 
 # --- real slices -----------------------------------------------------------------------------
@@ -356,13 +477,15 @@ def optimize_export(
     threads: int = 2,
     min_dice: float = MIN_DICE,
     static: bool = False,
+    fused_attention: bool = True,
 ) -> dict[str, Any]:
     """Write the fastest candidate graph that passes the parity check to `out_path`; return
-    what the card records (precision, the check's figures, every candidate's time and Dice)."""
+    what the card records (precision, the check's figures, every candidate's time and Dice).
+    `fused_attention`: the rewritten graph's attention as MultiHeadAttention (export_unpadded)."""
     from .export import export_fp32
 
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout)
+        fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout, fused_attention)
         plain = export_fp32(model, Path(tmp) / "plain.onnx", batch, layout)
         return optimize_graph(model, fp32, out_path, layout, volumes, threads, min_dice, static, plain)
 
