@@ -60,7 +60,7 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_
     common = ["train", "--config", "compact_s", *_small_data(shared_data), "--out-dir", str(out),
               "--size", "64", "--batch", "2", "--val-crops", "4", "--val-every", "2", "--log-every", "2",
               "--warmup", "1", "--threads", "2"]
-    assert main([*common, "--steps", "2"]) == 0
+    assert main([*common, "--steps", "2", "--workers", "2"]) == 0  # two crop processes, as on a GPU
     # an interrupted run may have logged steps past its last checkpoint: they are run again
     with open(out / "log.jsonl", "a") as log:
         log.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')  # the last line cut short by the stop
