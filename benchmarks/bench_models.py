@@ -82,24 +82,14 @@ print(json.dumps({"gflops": 2 * n**3 / min(times) / 1e9}))
 """
 
 
-# Graphs run in turn in one process, so a shared machine's changing load hits all alike.
+# Graphs run in turn in one process (as `export --optimize` times its candidates), so a shared
+# machine's changing load hits all alike.
 _INTERLEAVED = r"""
-import json, sys, time
-import numpy as np, onnxruntime as ort
+import json, sys
+import numpy as np
+from napari_sam2unet.convert.optimize import interleaved_times, session
 paths, threads, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-options = ort.SessionOptions()
-options.intra_op_num_threads = threads
-options.inter_op_num_threads = 1
-sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
-x = np.random.default_rng(0).standard_normal((1, 3, 352, 352)).astype(np.float32)
-for s in sessions:
-    s.run(None, {s.get_inputs()[0].name: x})
-times = [[] for _ in paths]
-for _ in range(rounds):
-    for s, t in zip(sessions, times):
-        began = time.perf_counter()
-        s.run(None, {s.get_inputs()[0].name: x})
-        t.append(time.perf_counter() - began)
+times = interleaved_times([session(p, threads) for p in paths], rounds)
 print(json.dumps([{"median": float(np.median(t)), "min": min(t)} for t in times]))
 """
 

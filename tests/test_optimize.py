@@ -110,8 +110,33 @@ def test_card_records_the_parity_check(optimized):
     assert found["candidates"]["fp32"]["dice"] == 1.0  # the rewrites change no mask
     assert found["parity"]["dice"] >= optimize.MIN_DICE
     assert found["parity"]["slices"] == optimize.PARITY_SLICES
+    # Every candidate was timed, in turn; the written graph is the fastest that passed.
+    assert found["timing"] == {"batch": 1, "rounds": optimize.TIMING_ROUNDS, "statistic": "median", "interleaved": True}
+    assert all(c["ms_per_slice"] > 0 for c in found["candidates"].values())
     times = {name: c["ms_per_slice"] for name, c in found["candidates"].items() if c["dice"] >= optimize.MIN_DICE}
-    assert found["parity"]["ms_per_slice"] == min(times.values())
+    assert found["chosen"] in times
+    assert found["parity"]["ms_per_slice"] == times[found["chosen"]] == min(times.values())
+
+
+def test_candidates_are_timed_in_turn():
+    """interleaved_times runs the sessions round robin (after one warm-up run each), one time
+    per session and round."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [argparse.Namespace(name="image")]
+
+        def run(self, _, feed):
+            calls.append(self.name)
+            return [np.zeros((1, 1, optimize.SIZE, optimize.SIZE), np.float32)]
+
+    times = optimize.interleaved_times([Recorder("a"), Recorder("b"), Recorder("c")], rounds=3)
+    assert calls == ["a", "b", "c"] * 4
+    assert [len(t) for t in times] == [3, 3, 3] and all(t >= 0 for row in times for t in row)
 
 
 def test_optimized_graph_agrees_with_torch_through_the_backend(model, slices, optimized):

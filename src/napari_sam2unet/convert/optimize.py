@@ -3,7 +3,7 @@
 `sam2unet export --optimize` calls `optimize_export`: it exports the fp32 graph without the
 work on zero-padded attention windows (an exact rewrite), fuses bias + GELU, makes the
 candidate graphs (fp32; dynamic int8 MatMuls; optionally static int8 QDQ calibrated on real
-MR slices), times each, checks each against fp32 torch on other real slices with the CPU
+MR slices), times them in turn in one process, checks each against fp32 torch on other real slices with the CPU
 backend's session options, and keeps the fastest that passes. The figures of the check go
 into the model card. docs/performance.md section 2 has what each step gains.
 """
@@ -392,16 +392,24 @@ def logits(sess, slices: np.ndarray, layout: str = "nchw") -> np.ndarray:
     return np.concatenate(out).reshape(len(slices), 1, SIZE, SIZE)
 
 
-def latency_ms(sess, repeats: int = 5, layout: str = "nchw") -> float:
-    """Median ms of one batch-1 run after a warm-up."""
+# Each round runs every candidate once, in turn.
+TIMING_ROUNDS = 5
+
+
+def interleaved_times(sessions, rounds: int = TIMING_ROUNDS, layout: str = "nchw") -> list[list[float]]:
+    """Seconds of `rounds` batch-1 runs of each session, after a warm-up run of each. The
+    sessions run in turn, round after round, so a shared machine's changing load hits all
+    alike (timed one after another, each would be timed at the load of its turn)."""
     x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
-    logits(sess, x, layout)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
+    for sess in sessions:
         logits(sess, x, layout)
-        times.append(time.perf_counter() - began)
-    return 1000 * float(np.median(times))
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for sess, took in zip(sessions, times):
+            began = time.perf_counter()
+            logits(sess, x, layout)
+            took.append(time.perf_counter() - began)
+    return times
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -500,19 +508,23 @@ def optimize_graph(
     min_dice: float = MIN_DICE,
     static: bool = False,
     plain: Path | None = None,
+    rounds: int = TIMING_ROUNDS,
 ) -> dict[str, Any]:
     """optimize_export from an fp32 graph of `model` already exported (by export_unpadded);
-    `plain`: its export without the rewrites (export.export_fp32), a candidate too."""
+    `plain`: its export without the rewrites (export.export_fp32), a candidate too. The
+    candidates' ms are medians of `rounds` batch-1 runs, timed in turn (interleaved_times)."""
     calibration, held_out = split_slices(real_slices(volumes))
     reference = reference_logits(model, held_out)
-    tried: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         graphs = candidates(fp32, Path(tmp), calibration, layout, static, plain)
-        for name, path in graphs.items():
-            sess = session(path, threads)
-            tried[name] = {"ms_per_slice": round(latency_ms(sess, layout=layout), 1)}
-            tried[name].update(_rounded(parity(logits(sess, held_out, layout), reference)))
-            del sess
+        sessions = {name: session(path, threads) for name, path in graphs.items()}
+        checks = {name: _rounded(parity(logits(sess, held_out, layout), reference)) for name, sess in sessions.items()}
+        times = interleaved_times(list(sessions.values()), rounds, layout)
+        del sessions  # before the chosen file is moved
+        tried = {
+            name: {"ms_per_slice": round(1000 * float(np.median(took)), 1), **checks[name]}
+            for name, took in zip(graphs, times)
+        }
         passing = [n for n in graphs if tried[n]["dice"] >= min_dice]
         if not passing:
             raise ModelError(f"no optimised graph agrees with fp32 torch (Dice {tried}); export without --optimize")
@@ -523,6 +535,7 @@ def optimize_graph(
         "optimization": {
             "chosen": best,
             "threads": threads,
+            "timing": {"batch": 1, "rounds": rounds, "statistic": "median", "interleaved": True},
             "parity": {"against": "fp32 torch", "slices": int(len(held_out)), "min_dice": min_dice, **tried[best]},
             "candidates": tried,
         },
