@@ -166,7 +166,8 @@ def main() -> int:
             result, wall, cpu = finetune_volume(args.base, volume, mask.astype(np.uint8), chosen, settings,
                                                 tmp / f"{folder}-{k}-{trunk}.onnx")
             after = segment(result.onnx, volume, mask, scored, start, args.threads)
-            row = {"scan": scan, "folder": folder, "k": k, "trunk": trunk, "slices": chosen, "scored_slices": len(scored),
+            row = {"scan": scan, "folder": folder, "k": k, "trunk": trunk, "slices": chosen,
+                   "scored_slices": len(scored),
                    "before": before, "after": after, "crop_dice": [result.dice_before, result.dice_after],
                    "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
             report["rows"].append(row)

@@ -23,7 +23,8 @@ N = 1536
 def gemm_rate(op: str, a: np.ndarray, b: np.ndarray, out_type: int, threads: int) -> float:
     """Operations per second (2 per multiply-add) of one onnxruntime MatMul node, fastest of 8."""
     types = {np.float32: TensorProto.FLOAT, np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
-    inputs = [helper.make_tensor_value_info(name, types[x.dtype.type], list(x.shape)) for name, x in (("a", a), ("b", b))]
+    inputs = [helper.make_tensor_value_info(name, types[x.dtype.type], list(x.shape))
+              for name, x in (("a", a), ("b", b))]
     out = helper.make_tensor_value_info("y", out_type, [a.shape[0], b.shape[1]])
     graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm", inputs, [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -78,7 +79,8 @@ def main() -> None:
     u8, s8 = rng.integers(0, 255, (N, N), dtype=np.uint8), rng.integers(-127, 127, (N, N), dtype=np.int8)
     fp32 = gemm_rate("MatMul", f32, f32, TensorProto.FLOAT, args.threads)
     int8 = gemm_rate("MatMulInteger", u8, s8, TensorProto.INT32, args.threads)
-    print(f"fp32 MatMul {fp32 / 1e9:.0f} GFLOP/s, u8 x s8 MatMulInteger {int8 / 1e9:.0f} GOP/s ({args.threads} threads)")
+    print(f"fp32 MatMul {fp32 / 1e9:.0f} GFLOP/s, u8 x s8 MatMulInteger {int8 / 1e9:.0f} GOP/s "
+          f"({args.threads} threads)")
     for config in args.configs:
         linear, conv = linear_ops(config)
         print(f"{config}: Linear {linear / 1e9:.1f} GOP, Conv2d {conv / 1e9:.1f} GOP per slice; "
