@@ -10,6 +10,7 @@ from napari_sam2unet.models import InputSpec
 from napari_sam2unet.preprocess import (
     MIN_CROP_PIXELS,
     View,
+    axis_plane,
     crop_for_box,
     crop_for_slice,
     guess_modality,
@@ -139,3 +140,14 @@ def test_modality_guess_survives_the_offsets_and_scalings_real_files_have(shared
 def test_a_smaller_minimum_crop_can_be_asked_for():
     crop = crop_for_box((10, 10, 12, 12), (1.0, 1.0), "square", 0.0, min_pixels=12)
     assert crop.r1 - crop.r0 == pytest.approx(12)
+
+
+def test_axis_plane_is_the_slice_without_copying_the_volume():
+    """nibabel gives Fortran-ordered arrays, where np.take copies the whole volume per slice read
+    (the engine, training crops, evaluation and fine-tuning all read slices this way)."""
+    volume = np.asfortranarray(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6))
+    for axis in range(3):
+        for k in (0, volume.shape[axis] - 1):
+            plane = axis_plane(volume, k, axis)
+            np.testing.assert_array_equal(plane, np.take(volume, k, axis=axis))
+            assert np.shares_memory(plane, volume)

@@ -16,7 +16,17 @@ import numpy as np
 from .backends.base import Backend
 from .errors import Cancelled, InputError
 from .postprocess import box_mask, select_regions
-from .preprocess import Crop, View, crop_for_box, crop_for_slice, paste_back, plan_views, sample_crop, to_model_input
+from .preprocess import (
+    Crop,
+    View,
+    axis_plane,
+    crop_for_box,
+    crop_for_slice,
+    paste_back,
+    plan_views,
+    sample_crop,
+    to_model_input,
+)
 from .prompts import Box, Prompts, interpolate_boxes
 
 SCOPES = ("auto", "slices", "between", "propagate", "volume")
@@ -163,9 +173,7 @@ class Engine:
         return tuple(s for a, s in enumerate(self.spacing) if a != self.axis)
 
     def slice_image(self, k: int) -> np.ndarray:
-        index = [slice(None)] * 3
-        index[self.axis] = k
-        return self._data[tuple(index)]  # a view; np.take would copy through a slow path
+        return axis_plane(self._data, k, self.axis)
 
     @property
     def slice_shape(self) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import InputError, PromptError
 from .io import nifti_stem
+from .preprocess import axis_plane
 from .prompts import Box, Point, Prompts, parse_box, parse_point
 
 COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "name", "scope", "axis",
@@ -285,7 +286,7 @@ def boxes_from_labels(path: Path, label: int, axis: int) -> list[Box]:
     mask = np.rint(read_volume(path).data) == label
     boxes = []
     for k in range(mask.shape[axis]):
-        plane = np.take(mask, k, axis=axis)
+        plane = axis_plane(mask, k, axis)
         if plane.any():
             rows, cols = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
             extent = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)

@@ -198,6 +198,12 @@ def crop_for_box(
                 float(max(centre_r + half_r, r1)), float(max(centre_c + half_c, c1)))
 
 
+def axis_plane(volume: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Slice k along `axis`, as a view. np.take copies the whole volume first when it is
+    Fortran-ordered, as nibabel's arrays are: ~40 ms for a 240x240x155 scan, per slice read."""
+    return volume[(slice(None),) * axis + (k,)]
+
+
 def crop_for_slice(shape: tuple[int, int], spacing: tuple[float, float] = (1.0, 1.0), mode: str = "square") -> Crop:
     """The whole slice; square mode pads the shorter physical side so nothing is stretched."""
     rows, cols = shape

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..models import InputSpec
-from ..preprocess import crop_for_box, plan_views, sample_crop, to_model_input
+from ..preprocess import axis_plane, crop_for_box, plan_views, sample_crop, to_model_input
 from .augment import deform, jitter_views, paint_lesion, remap_intensity, synth_image
 from .datasets import CaseSpec
 from .sources import Source, load_sources
@@ -87,7 +87,8 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
     src = sources[rng.choice(len(sources), p=weights / weights.sum())]
     axis, li, lid = key = _pick_structure(rng, src)
     k = int(rng.choice(src.slices[key]))
-    take = lambda a: np.take(a, k, axis=axis)  # noqa: E731
+    # The slice alone, C-ordered as np.take gave it (which copied the whole volume: 90% of a crop's time).
+    take = lambda a: np.ascontiguousarray(axis_plane(a, k, axis))  # noqa: E731
     spacing2d = tuple(s for i, s in enumerate(src.spacing) if i != axis)
     mask = take(src.layers[li].labels) == lid
     u = rng.random()
@@ -160,7 +161,7 @@ class CropStream:
 
     Batches are taken from the workers in turn, so a stream is reproducible whatever their
     speed; worker 0 draws exactly what a one-worker stream draws. More workers keep a GPU fed
-    (one makes ~30 crops/s at 192 px on one core)."""
+    (one makes ~85 crops/s at 192 px on one core)."""
 
     def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[CaseSpec], depth=6,
                  workers: int = 1):

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
-from ..preprocess import plan_views
+from ..preprocess import axis_plane, plan_views
 from ..prompts import Box, Prompts
 
 MIN_VOXELS = 50  # structures smaller than this in the whole volume are not scored
@@ -86,7 +86,7 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
         case = Case(scan, name, mask, {p: [] for p in PROTOCOLS})
         largest = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))
         for k in range(mask.shape[axis]):
-            plane = np.take(mask, k, axis=axis)
+            plane = axis_plane(mask, k, axis)
             if not plane.any():
                 continue
             r = np.flatnonzero(plane.any(1))

@@ -556,7 +556,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is present")
     p.add_argument("--workers", type=int, default=1,
-                   help="crop-making processes (one makes ~30 crops/s on one core: give a GPU 8-14)")
+                   help="crop-making processes (one makes ~85 crops/s on one core: give a GPU 4-14)")
     p.add_argument("--teacher", default=None, metavar="BEST_PT",
                    help="distil from another run's best.pt (e.g. the plain U-Net's) as well as the labels")
     p.add_argument("--distill-weight", type=float, default=1.0)
