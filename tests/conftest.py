@@ -81,3 +81,37 @@ def sphere_volume(shape=(48, 40, 12), centre=(24, 20, 6), radius=8.0, background
     rng = np.random.default_rng(0)
     data = np.where(mask, foreground, background).astype(np.float32) + rng.normal(0, 5, shape).astype(np.float32)
     return data, mask
+
+
+def build_prompt_model(path: Path, size: int = 352) -> Path:
+    """A real ONNX model that follows prompts (card `channels: prompted`), linear in its input:
+    logits = 8 (image - 0.45) + 3 (prior - 0.5) + 20 (clicks - 0.5), each channel back in 0..1.
+
+    A bright pixel is the object; a prior alone cannot make a dim pixel the object; a positive
+    click adds the pixels around it and a negative one removes them. A 1x1 convolution."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from napari_sam2unet.models import IMAGENET_MEAN, IMAGENET_STD
+
+    gains, centres = (8.0, 3.0, 20.0), (0.45, 0.5, 0.5)
+    # logit = sum_c g_c (x_c std_c + mean_c - centre_c)
+    weights = [g * s for g, s in zip(gains, IMAGENET_STD)]
+    bias = sum(g * (m - c) for g, m, c in zip(gains, IMAGENET_MEAN, centres))
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, size, size])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], weights)
+    b = helper.make_tensor("b", TensorProto.FLOAT, [1], [bias])
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w", "b"], ["logits"])], "prompted",
+                              [image], [logits], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def prompted_card(tmp_path: Path) -> ModelCard:
+    """Card of a real ONNX model that sees clicks and a prior mask in its input channels."""
+    return write_test_card(build_prompt_model(tmp_path / "prompted.onnx"), channels="prompted")

@@ -6,6 +6,7 @@ API all drive it. It is numpy in, numpy out, and never imports Qt.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from .preprocess import (
     sample_crop,
     to_model_input,
 )
+from .prompt_maps import click_map, is_prompted, prior_in_crop, to_crop_coords, write_prompts
 from .prompts import Box, Prompts, interpolate_boxes
 
 SCOPES = ("auto", "slices", "between", "propagate", "volume")
@@ -55,6 +57,21 @@ DEFAULT_BATCH = 4
 _PROB_SCALE = 65535.0
 
 
+@dataclass(frozen=True, eq=False)
+class Prior:
+    """A slice's mask given to a prompted model (the neighbour's when propagating, the current
+    one when correcting); the digest keys the cache without hashing the array each time."""
+
+    mask: np.ndarray
+    digest: str
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> Prior:
+        mask = np.ascontiguousarray(mask, dtype=bool)
+        digest = hashlib.blake2b(np.packbits(mask).tobytes() + repr(mask.shape).encode(), digest_size=16).hexdigest()
+        return cls(mask, digest)
+
+
 @dataclass(frozen=True)
 class SliceTask:
     """One model call's worth of work: a slice, the region the model sees, the box results keep to."""
@@ -64,6 +81,11 @@ class SliceTask:
     clip: tuple[float, float, float, float] | None = None
     # One of several candidate crops around a click: the slice keeps the best one, not their union.
     choose: bool = False
+    # What a prompted model sees besides the image: a prior mask and clicks (i, j, positive).
+    prior: Prior | None = None
+    clicks: tuple[tuple[float, float, bool], ...] = ()
+    # A mask from clicks alone keeps only the regions under its positive clicks.
+    keep_clicked: bool = False
 
 
 @dataclass
@@ -120,6 +142,8 @@ class Engine:
         self.batch_size = max(1, min(batch_size, backend.max_batch))
         self.size = self.card.input.size
         self.flip_average = self.card.flip_average
+        # The card decides: a prompted model gets clicks and prior masks in its input channels.
+        self.prompted = is_prompted(self.card.input)
         self._cache: dict[tuple, np.ndarray] = {}
         self._data: np.ndarray | None = None
         self._volume_token = object()
@@ -197,11 +221,32 @@ class Engine:
         for side in self.click_sides_mm:
             half_i, half_j = side / spacing_i / 2, side / spacing_j / 2
             box = Box(k, max(0.0, i0 - half_i), max(0.0, j0 - half_j), min(rows, i1 + half_i), min(cols, j1 + half_j))
-            task = replace(self.box_task(box), choose=True)
+            task = replace(self.box_task(box), choose=True, clicks=self._clicks(points))
             if task.crop.key() not in seen:
                 seen.add(task.crop.key())
                 tasks.append(task)
         return tasks
+
+    def _clicks(self, points) -> tuple[tuple[float, float, bool], ...]:
+        """Points as a prompted model's clicks (other models steer by points after the model)."""
+        return tuple((p.i, p.j, p.positive) for p in points) if self.prompted else ()
+
+    def correction_task(self, k: int, mask: np.ndarray, points, keep_clicked: bool = False) -> SliceTask:
+        """A prompted model's second look at a slice: its current mask as the prior and the
+        slice's points as clicks, framed around the mask and every point (a click outside the
+        mask must be in view to add to it)."""
+        rows, cols = self.slice_shape
+        box = mask_box(mask, PROPAGATE_GROWTH) if mask.any() else None
+        reach = [(p.i, p.j) for p in points if p.positive] or ([] if box else [(p.i, p.j) for p in points])
+        if reach:
+            pad = 2.0
+            i0, j0 = min(i for i, _ in reach) - pad, min(j for _, j in reach) - pad
+            i1, j1 = max(i for i, _ in reach) + pad, max(j for _, j in reach) + pad
+            box = (i0, j0, i1, j1) if box is None else (min(box[0], i0), min(box[1], j0), max(box[2], i1),
+                                                         max(box[3], j1))
+        box = (max(0.0, box[0]), max(0.0, box[1]), min(float(rows), box[2]), min(float(cols), box[3]))
+        task = self.box_task(Box(k, *box))
+        return replace(task, clip=None, prior=Prior.of(mask), clicks=self._clicks(points), keep_clicked=keep_clicked)
 
     def whole_slice_task(self, k: int) -> SliceTask:
         return SliceTask(k, crop_for_slice(self.slice_shape, self.slice_spacing, self.card.input.crop), None)
@@ -242,11 +287,17 @@ class Engine:
     # --- running -----------------------------------------------------------------------------
 
     def _key(self, task: SliceTask) -> tuple:
-        return (self.card.id, self.flip_average, self.views, self.axis, task.slice, task.crop.key())
+        prompts = (task.prior.digest if task.prior else None, task.clicks) if self.prompted else ()
+        return (self.card.id, self.flip_average, self.views, self.axis, task.slice, task.crop.key(), *prompts)
 
     def _model_input(self, task: SliceTask, out: np.ndarray | None = None) -> np.ndarray:
         raw = sample_crop(self.slice_image(task.slice), task.crop, self.size)
-        return to_model_input(raw, self.views, self.card.input, out)
+        x = to_model_input(raw, self.views, self.card.input, out)
+        if self.prompted:
+            prior = prior_in_crop(task.prior.mask if task.prior else None, task.crop, self.size)
+            clicks = [(*to_crop_coords(i, j, task.crop, self.size), positive) for i, j, positive in task.clicks]
+            write_prompts(x, prior, click_map(clicks, self.size), self.card.input)
+        return x
 
     def _prepare(self, tasks: list[SliceTask]) -> np.ndarray:
         batch = np.empty((len(tasks), 3, *self.size), dtype=np.float32)
@@ -306,11 +357,19 @@ class Engine:
         """A slice's mask from cached probabilities: never calls the backend."""
         positive = [(p.i, p.j) for p in prompts.points_on(k) if p.positive]
         negative = [(p.i, p.j) for p in prompts.points_on(k) if not p.positive]
+        if self.prompted:
+            negative = []  # the model saw them
         if tasks and tasks[0].choose:
             return self._choose(tasks, threshold, positive, negative)[1]
         mask = np.zeros(self.slice_shape, dtype=bool)
         for task in tasks:
-            mask |= select_regions(self.probability(task), threshold, task.clip, positive, negative)
+            if task.prior is not None or (self.prompted and task.clicks):
+                # The model saw the clicks: its mask is the answer. Only a mask from clicks alone
+                # keeps to the regions under its positive clicks (a stray blob is not the object).
+                keep = [(i, j) for i, j, sign in task.clicks if sign] if task.keep_clicked else []
+                mask |= select_regions(self.probability(task), threshold, task.clip, keep, [])
+            else:
+                mask |= select_regions(self.probability(task), threshold, task.clip, positive, negative)
         return mask
 
     def slice_result(self, k: int, tasks: list[SliceTask], prompts: Prompts, threshold: float) -> SliceResult:
@@ -318,8 +377,8 @@ class Engine:
         if tasks and tasks[0].choose:
             positive = [(p.i, p.j) for p in prompts.points_on(k) if p.positive]
             negative = [(p.i, p.j) for p in prompts.points_on(k) if not p.positive]
-            task, mask = self._choose(tasks, threshold, positive, negative)
-            return SliceResult([replace(task, choose=False)], mask)
+            task, mask = self._choose(tasks, threshold, positive, [] if self.prompted else negative)
+            return SliceResult([replace(task, choose=False, keep_clicked=self.prompted)], mask)
         return SliceResult(tasks, self.postprocess(k, tasks, prompts, threshold))
 
     def _choose(self, tasks, threshold, positive, negative) -> tuple[SliceTask, np.ndarray]:
@@ -356,6 +415,8 @@ class Engine:
 
         if scope == "propagate":
             steps = self._propagate(prompts, threshold, result)
+        elif scope == "between" and self.prompted:
+            steps = self._between_chained(prompts, threshold, result)
         else:
             steps = self._planned(prompts, scope, threshold, result)
         for done, total in steps:
@@ -366,7 +427,10 @@ class Engine:
     def _planned(self, prompts, scope, threshold, result):
         plan = self.plan(prompts, scope)
         order = list(plan)
-        total = len(order)
+        # A prompted model looks again at slices with points: the first mask as the prior,
+        # the points as clicks (box + clicks is a box, then corrections, as users work).
+        second = [k for k in order if self.prompted and prompts.points_on(k)]
+        total = len(order) + len(second)
         groups = [order[start : start + self.batch_size] for start in range(0, total, self.batch_size)]
         done = 0
         for index in self._run_groups([[t for k in group for t in plan[k]] for group in groups]):
@@ -374,17 +438,31 @@ class Engine:
                 result.slices[k] = self.slice_result(k, plan[k], prompts, threshold)
             done += len(groups[index])
             yield done, total
+        if second:
+            tasks = {k: self.correction_task(k, result.slices[k].mask, prompts.points_on(k),
+                                             keep_clicked=not prompts.boxes_on(k)) for k in second}
+            for k in second:
+                self._run_tasks([tasks[k]])
+                result.slices[k] = SliceResult([tasks[k]], self.postprocess(k, [tasks[k]], prompts, threshold))
+                done += 1
+                yield done, total
+
+    def _next_task(self, k: int, previous: np.ndarray, box: tuple | None = None) -> SliceTask | None:
+        """The task for slice k from its neighbour's mask: the mask's box (or a given one), and,
+        for a prompted model, the mask itself as the prior."""
+        box = box or mask_box(previous, PROPAGATE_GROWTH)
+        if box is None:
+            return None
+        task = self.box_task(Box(k, *box))
+        return replace(task, prior=Prior.of(previous)) if self.prompted else task
 
     def _propagate(self, prompts, threshold, result):
         """From each prompted slice outwards, each slice cropped around its neighbour's mask."""
-        seeds = self.plan(prompts, "slices")
         depth = self.shape[self.axis]
-        total, done = depth, 0
-        for k, tasks in seeds.items():
-            self._run_tasks(tasks)
-            result.slices[k] = self.slice_result(k, tasks, prompts, threshold)
-            done += 1
-            yield done, total
+        done = 0
+        for done, _ in self._planned(prompts, "slices", threshold, result):
+            yield done, depth
+        seeds = sorted(result.slices)
         for k in seeds:
             for step in (-1, 1):
                 previous, current = result.slices[k].mask, k + step
@@ -395,11 +473,10 @@ class Engine:
                     if current in result.slices:
                         result.stops[step] = f"met slice {current}, segmented from another prompt"
                         break
-                    box = mask_box(previous, PROPAGATE_GROWTH)
-                    if box is None:
+                    task = self._next_task(current, previous)
+                    if task is None:
                         result.stops[step] = f"vanished at slice {current}"
                         break
-                    task = self.box_task(Box(current, *box))
                     self._run_tasks([task])
                     mask = self.postprocess(current, [task], prompts, threshold)
                     stop = propagation_stop(mask, previous, self.propagate_min_overlap)
@@ -408,8 +485,35 @@ class Engine:
                         break
                     result.slices[current] = SliceResult([task], mask)
                     done += 1
-                    yield done, total
+                    yield done, depth
                     previous, current = mask, current + step
+
+    def _between_chained(self, prompts, threshold, result):
+        """Boxes on some slices, a prompted model: the boxed slices first, then each slice between
+        two of them from its neighbour's mask (the prior) in its interpolated box, walking in from
+        both ends so that neither end's errors carry across the whole gap."""
+        boxes = interpolate_boxes(prompts.boxes)
+        steps = list(self._planned(prompts, "slices", threshold, result))
+        done = steps[-1][0] if steps else 0
+        order = []  # (slice, the neighbour it follows)
+        keys = sorted(k for k in boxes if k in result.slices)
+        for a, b in zip(keys, keys[1:]):
+            if any(k not in boxes for k in range(a + 1, b)):
+                continue  # a slice with several boxes between: nothing was interpolated there
+            low, high = a + 1, b - 1
+            while low <= high:
+                order.append((low, low - 1))
+                if high != low:
+                    order.append((high, high + 1))
+                low, high = low + 1, high - 1
+        total = done + len(order)
+        yield done, total
+        for k, follows in order:
+            task = self._next_task(k, result.slices[follows].mask, boxes[k].rect)
+            self._run_tasks([task])
+            result.slices[k] = SliceResult([task], self.postprocess(k, [task], prompts, threshold))
+            done += 1
+            yield done, total
 
     def segment(
         self,
@@ -446,6 +550,35 @@ class Engine:
         for k in slices if slices is not None else list(result.slices):
             tasks = result.slices[k].tasks
             result.slices[k] = SliceResult(tasks, self.postprocess(k, tasks, prompts, result.threshold))
+        return result
+
+    def correct(self, result: SegmentationResult, k: int, prompts: Prompts,
+                threshold: float | None = None) -> SegmentationResult:
+        """Slice k after the user clicked on it. A prompted model looks again, in one call, with
+        the slice's current mask as the prior and every point on the slice as a click, so a click
+        moves the boundary; other models re-apply the points to the cached probabilities. A slice
+        without a mask yet is segmented from its prompts."""
+        self._require_volume()
+        if result.key is not None and result.key != self.key:
+            raise InputError(
+                "this result was computed on another volume, slice axis or model than the engine holds now; "
+                "segment it again to edit it"
+            )
+        prompts = prompts.validate(self.shape, self.axis)
+        threshold = result.threshold if threshold is None else threshold
+        result.threshold = threshold
+        if k not in result.slices:
+            on_slice = Prompts(prompts.boxes_on(k), prompts.points_on(k))
+            if on_slice:
+                result.slices.update(self.segment(on_slice, "slices", threshold).slices)
+            return result
+        if not self.prompted:
+            return self.refine(result, prompts, threshold, slices=[k])
+        current = result.slices[k]
+        keep_clicked = any(t.keep_clicked for t in current.tasks)
+        task = self.correction_task(k, current.mask, prompts.points_on(k), keep_clicked)
+        self._run_tasks([task])
+        result.slices[k] = SliceResult([task], self.postprocess(k, [task], prompts, threshold))
         return result
 
     def _require_volume(self) -> None:

@@ -26,7 +26,8 @@ DEFAULT_MODEL = "sam2unet-compact"
 # The official SAM2-UNet preprocessing: /255 then ImageNet mean and std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CHANNEL_MODES = ("replicate", "multiview")
+# prompted: channel 0 the window, channels 1-2 a prior mask and clicks (prompt_maps.py)
+CHANNEL_MODES = ("replicate", "multiview", "prompted")
 CROP_MODES = ("square", "box_aspect")
 LAYOUTS = ("nchw", "nhwc")
 # The SAM2-UNet contract and the card defaults, here only: InputSpec and ModelCard take them as
@@ -45,7 +46,7 @@ class InputSpec:
     scale: float = 1 / 255
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    channels: str = "replicate"  # replicate: one window x3; multiview: three intensity views
+    channels: str = "replicate"  # replicate: one window x3; multiview: three views; prompted: window + prompts
     crop: str = "square"  # square: square crop around the box; box_aspect: the box's own shape
     margin: float = MARGIN
     name: str | None = None  # ONNX input name; None: the first input

@@ -108,7 +108,8 @@ def plan_views(volume: np.ndarray, window: str = "auto", channels: str = "replic
 
     window: 'auto' (CT soft tissue or MR percentiles, guessed from intensities), 'mr', a CT
     preset name, or 'LOW:HIGH' in raw units. channels: 'replicate' (one view three times, as the
-    official models expect) or 'multiview' (the window plus two complementary views).
+    official models expect), 'multiview' (the window plus two complementary views) or 'prompted'
+    (the window in channel 0; prompt_maps.py overwrites channels 1 and 2 with the prompts).
     """
     modality, offset = "mr", 0.0
     if window == "auto":
@@ -129,7 +130,7 @@ def plan_views(volume: np.ndarray, window: str = "auto", channels: str = "replic
             f"the image is nearly constant: its {primary.label} window is empty ({primary.low:g} to "
             f"{primary.high:g}); choose a window with --window LOW:HIGH"
         )
-    if channels == "replicate":
+    if channels in ("replicate", "prompted"):
         return primary, primary, primary
     if modality == "ct":
         others = [ct_view(name, offset) for name in ("lung", "bone", "soft_tissue") if ct_view(name, offset) != primary]

@@ -13,7 +13,9 @@ import numpy as np
 from scipy import ndimage
 
 from ..models import InputSpec
-from ..preprocess import axis_plane, crop_for_box, plan_views, sample_crop, to_model_input
+from ..preprocess import Crop, axis_plane, crop_for_box, plan_views, sample_crop, to_model_input
+from ..prompt_maps import click_map, is_prompted, prior_in_crop, write_prompts
+from . import prompt_sim
 from .augment import deform, jitter_views, paint_lesion, remap_intensity, synth_image
 from .datasets import CaseSpec
 from .sources import Source, load_sources
@@ -23,6 +25,14 @@ AXIAL_WEIGHT = 0.6  # share of crops from the last (superior-inferior) axis
 # crop a tiny box is enlarged to (the engine's MIN_CROP_PIXELS is chosen on validation).
 MARGIN_RANGE = (0.0, 0.5)
 MIN_CROP_CHOICES = (12, 16, 24)
+# Prompted models: what a crop's prompts simulate, and how often (prompt_sim.py). "box": a box
+# alone; "propagate": the box and prior from a slice 1-3 away, as propagation and interpolation
+# give them; "correct": a flawed prior and 0-3 clicks on its errors; "clicks": clicks alone in a
+# loosely framed crop. The training loop adds rounds of clicks on the model's own errors.
+PROMPT_MODES = ("box", "propagate", "correct", "clicks")
+PROMPT_MODE_SHARES = (0.25, 0.3, 0.25, 0.2)
+# Share of propagation crops one slice past the structure's end: the model learns to stop.
+PAST_END_SHARE = 0.12
 
 
 def jitter_box(rng, box, shape) -> tuple[float, float, float, float]:
@@ -50,12 +60,16 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
-def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None, box=None):
-    """(3xSxS model input, SxS bool target) for a box around mask2d.
+def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None, box=None, crop=None):
+    """(3xSxS model input, SxS bool target) for a box around mask2d (or a given crop).
 
     With rng the box is jittered as people draw it and the framing varies (margin, smallest
     crop), so the model does not learn one framing of its targets.
     """
+    if crop is not None:
+        raw = sample_crop(image2d, crop, size)
+        target = sample_crop(mask2d.astype(np.float32), crop, size, fill=0.0) > 0.5
+        return to_model_input(raw, views, spec), target
     if box is None:
         box = bbox(mask2d)
         if rng is not None:
@@ -82,22 +96,33 @@ def _pick_structure(rng, src: Source) -> tuple[int, int, int]:
 
 
 def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, lesion_share=0.25):
-    """One training crop: (x 3xSxS float32, target SxS bool, kind)."""
+    """One training crop: (x 3xSxS float32, target SxS bool, kind).
+
+    Random draws for prompts happen only for prompted models, so the crops of the other
+    channel modes are the same as before prompts existed."""
+    prompted = is_prompted(spec)
+    mode = PROMPT_MODES[rng.choice(len(PROMPT_MODES), p=PROMPT_MODE_SHARES)] if prompted else None
     weights = np.array([s.weight for s in sources], float)
     src = sources[rng.choice(len(sources), p=weights / weights.sum())]
     axis, li, lid = key = _pick_structure(rng, src)
     k = int(rng.choice(src.slices[key]))
+    neighbour_k = None
+    if mode == "propagate":
+        k, neighbour_k = _propagation_pair(rng, src.slices[key], k, src.image.shape[axis])
     # The slice alone, C-ordered as np.take gave it (which copied the whole volume: 90% of a crop's time).
-    take = lambda a: np.ascontiguousarray(axis_plane(a, k, axis))  # noqa: E731
+    take = lambda a, at=k: np.ascontiguousarray(axis_plane(a, at, axis))  # noqa: E731
     spacing2d = tuple(s for i, s in enumerate(src.spacing) if i != axis)
     mask = take(src.layers[li].labels) == lid
+    neighbour = None if neighbour_k is None else take(src.layers[li].labels, neighbour_k) == lid
     u = rng.random()
     kind = "real"
     if u < synth_share and src.synth_labels is not None:
         kind = "synth"
         lab = take(src.synth_labels).astype(np.int32)
-        lab, m = deform(rng, [lab, mask.astype(np.uint8)])
-        mask = m.astype(bool)
+        masks = [mask.astype(np.uint8)] + ([] if neighbour is None else [neighbour.astype(np.uint8)])
+        lab, *masks = deform(rng, [lab, *masks])
+        mask = masks[0].astype(bool)
+        neighbour = None if neighbour is None else masks[1].astype(bool)
         img = synth_image(rng, lab)
         views = plan_views(img, "mr", "multiview")
     elif u < synth_share + 0.15:
@@ -111,15 +136,20 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
         img2, lesion = paint_lesion(rng, img, views, spacing2d)
         if lesion is not None:
             img, mask, kind = img2, lesion, kind + "+lesion"
-    if mask.sum() < 4:
+            # A painted lesion has no neighbouring slice: its own outline, moved, stands in.
+            neighbour = None if neighbour is None else prompt_sim.perturb(rng, lesion, 3.0, 3)
+    if mask.sum() < 4 and not (mode == "propagate" and neighbour is not None and neighbour.sum() >= 4):
         return None
     # Flips and transposes, as slices come in any orientation.
     if rng.random() < 0.5:
         img, mask = img[::-1], mask[::-1]
+        neighbour = None if neighbour is None else neighbour[::-1]
     if rng.random() < 0.5:
         img, mask = img[:, ::-1], mask[:, ::-1]
+        neighbour = None if neighbour is None else neighbour[:, ::-1]
     if rng.random() < 0.3:
         img, mask, spacing2d = img.T, mask.T, spacing2d[::-1]
+        neighbour = None if neighbour is None else neighbour.T
     # People outline tightly or generously: grow or shrink the target by a voxel sometimes.
     t = rng.random()
     if t < 0.12:
@@ -128,10 +158,87 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
         shrunk = ndimage.binary_erosion(mask)
         if shrunk.sum() >= 4:
             mask = shrunk
-    x, y = make_crop(np.ascontiguousarray(img), np.ascontiguousarray(mask), spacing2d, views, spec, size, rng)
+    img, mask = np.ascontiguousarray(img), np.ascontiguousarray(mask)
+    if prompted:
+        return _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size, kind)
+    x, y = make_crop(img, mask, spacing2d, views, spec, size, rng)
     if y.sum() < 2:
         return None
     return x, y, kind
+
+
+def _propagation_pair(rng, slices, k: int, depth: int) -> tuple[int, int | None]:
+    """(target slice, prior slice) for a propagation crop: the prior 1-3 slices away, or, now
+    and then, the structure's last slice with the target one past it (where it has ended)."""
+    if rng.random() < PAST_END_SHARE:
+        first, last = min(slices), max(slices)
+        edge, step = (first, -1) if rng.random() < 0.5 else (last, 1)
+        if 0 <= edge + step < depth:
+            return edge + step, edge
+    neighbour = k + int(rng.choice([-3, -2, -1, 1, 2, 3], p=[0.1, 0.2, 0.2, 0.2, 0.2, 0.1]))
+    return k, neighbour if 0 <= neighbour < depth else None
+
+
+def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size, kind):
+    """A crop with its prompts drawn into channels 1 and 2, as the engine draws them."""
+    from ..engine import PROPAGATE_GROWTH, mask_box
+
+    if mode == "propagate" and (neighbour is None or neighbour.sum() < 4):
+        mode = "box"
+    if mode != "propagate" and mask.sum() < 4:
+        return None
+    prior_crop, clicks = None, []
+    if mode == "propagate":
+        prior = np.ascontiguousarray(prompt_sim.perturb(rng, neighbour))
+        if prior.sum() < 4:
+            return None
+        box = mask_box(prior, PROPAGATE_GROWTH)
+        margin = float(np.clip(spec.margin + rng.normal(0, 0.05), 0.0, 0.5))
+        crop = crop_for_box(box, spacing2d, spec.crop, margin)
+        x, y = make_crop(img, mask, spacing2d, views, spec, size, crop=crop)
+        prior_crop = prior_in_crop(prior, crop, size)
+    elif mode == "clicks":
+        click = prompt_sim.interior_click(rng, mask)
+        crop = _click_crop(rng, mask, click, spacing2d)
+        x, y = make_crop(img, mask, spacing2d, views, spec, size, crop=crop)
+        if y.sum() < 2:
+            return None
+        scale = size[0] / (crop.r1 - crop.r0), size[1] / (crop.c1 - crop.c0)
+        clicks.append(((click[0] + 0.5 - crop.r0) * scale[0] - 0.5, (click[1] + 0.5 - crop.c0) * scale[1] - 0.5, True))
+        for _ in range(int(rng.choice(3, p=[0.6, 0.25, 0.15]))):
+            clicks.append((*prompt_sim.interior_click(rng, y), True))
+        for _ in range(int(rng.choice(3, p=[0.6, 0.25, 0.15]))):
+            where = prompt_sim.outside_click(rng, y, int(rng.integers(3, max(4, size[0] // 6))))
+            if where is not None:
+                clicks.append((*where, False))
+    else:
+        x, y = make_crop(img, mask, spacing2d, views, spec, size, rng)
+        if y.sum() < 2:
+            return None
+        if mode == "correct":
+            prior_crop = prompt_sim.corrupt(rng, y).astype(np.float32)
+            count = int(rng.choice(4, p=[0.15, 0.4, 0.25, 0.2]))
+            clicks = prompt_sim.clicks_on_errors(prior_crop > 0.5, y, count)
+    if prior_crop is None:
+        prior_crop = np.zeros(size, dtype=np.float32)
+    write_prompts(x, prior_crop, click_map(clicks, size), spec)
+    return x, y, f"{kind}/{mode}"
+
+
+def _click_crop(rng, mask, click, spacing2d) -> Crop:
+    """A physically square crop around a click, 0.7-4x the structure's extent, off-centre as
+    the engine's fixed-size crops around a click are."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    extent_mm = max((rows[-1] + 1 - rows[0]) * spacing2d[0], (cols[-1] + 1 - cols[0]) * spacing2d[1])
+    side_mm = max(extent_mm * float(np.exp(rng.uniform(np.log(0.7), np.log(4.0)))), 12 * min(spacing2d))
+    centre = np.array([(rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2])
+    point = np.array(click) + 0.5
+    middle = point + (centre - point) * rng.uniform(0, 1)
+    half = side_mm / np.array(spacing2d) / 2
+    # Keep the click inside the crop, with a few pixels to spare.
+    middle = np.clip(middle, point - 0.9 * half, point + 0.9 * half)
+    return Crop(float(middle[0] - half[0]), float(middle[1] - half[1]), float(middle[0] + half[0]),
+                float(middle[1] + half[1]))
 
 
 def batch(rng, sources, spec, size, n):
@@ -199,7 +306,7 @@ def validation_set(spec: InputSpec, size, cases: list[CaseSpec], n: int = 160, s
     xs, ys = [], []
     while len(xs) < n:
         out = sample(rng, sources, spec, size, synth_share=0.0, lesion_share=0.0)
-        if out is None or out[2] != "real":
+        if out is None or out[2].split("/")[0] != "real":
             continue
         xs.append(out[0])
         ys.append(out[1])

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, require_torch
-from ..models import INPUT_SIZE, MARGIN, InputSpec
+from ..models import CHANNEL_MODES, INPUT_SIZE, MARGIN, InputSpec
+from ..prompt_maps import PROMPTED, is_prompted
 
 EVAL_SIZE = INPUT_SIZE  # the model contract; validation always runs at this size
 
@@ -264,6 +265,10 @@ class _Run:
 def _start_run(torch, args, device, out: Path) -> _Run:
     """A new model and optimiser, or with --resume the run in `out` where its last.pt left it."""
     model = build_model(args.arch, args.config).to(device)
+    init = getattr(args, "init", None)
+    if init and not (args.resume and (out / "last.pt").is_file()):
+        load_initial_weights(torch, model, init, args.channels)
+        print(f"initialised from {init}", flush=True)
     ema = Ema(model, args.ema)
     run = _Run(model, ema, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay))
     last_path = out / "last.pt"
@@ -279,6 +284,48 @@ def _start_run(torch, args, device, out: Path) -> _Run:
             "or choose another --out-dir"
         )
     return run
+
+
+def load_initial_weights(torch, model, path, channels: str) -> None:
+    """Weights to start from: a run's best.pt, or an fp32 SAM2-UNet ONNX file (with its card).
+
+    A multiview stem moving to prompted channels keeps what it learnt: its three views' filters
+    are summed into channel 0 (the views are one intensity, differently curved), and the prompt
+    channels start at zero, so step 0 is the old model seeing one view."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "ema" not in state:
+            raise InputError(f"--init {path} is not a best.pt written by `sam2unet train`")
+        weights, old_channels = state["ema"], (state.get("args") or {}).get("channels", "multiview")
+    else:
+        from ..models import find_model
+        from .onnx_weights import model_from_onnx
+
+        card = find_model(str(path))
+        weights, old_channels = model_from_onnx(card)[0].state_dict(), card.input.channels
+    weights = {k: v for k, v in weights.items() if not k.startswith(("side1.", "side2.", "up4."))}
+    stem = next(k for k in weights if k.endswith("patch_embed.proj.weight"))
+    if channels == PROMPTED != old_channels:
+        merged = weights[stem].clone()
+        merged[:, 0] = weights[stem].sum(1)
+        merged[:, 1:] = 0
+        weights[stem] = merged
+    missing = model.load_state_dict(weights, strict=False).missing_keys
+    unexpected = [k for k in missing if not k.startswith(("side1.", "side2.", "up4."))]
+    if unexpected:
+        raise InputError(f"--init {path} lacks weights of this config, e.g. {unexpected[0]}")
+    model.frozen_batchnorm = True  # the ONNX file's BatchNorm is folded into its convolutions
+
+
+def train_mode(model) -> None:
+    """Training mode; BatchNorm stays in eval mode for a model started from folded weights (a
+    batch's statistics would undo the folding)."""
+    model.train()
+    if getattr(model, "frozen_batchnorm", False):
+        for module in model.modules():
+            if "BatchNorm" in type(module).__name__:
+                module.eval()
 
 
 class _Crops:
@@ -310,7 +357,10 @@ def _step(torch, run: _Run, args, x, y, teacher) -> float:
     """One optimiser step on a batch (and the EMA's); returns the loss."""
     for group in run.opt.param_groups:
         group["lr"] = _lr(run.step, args)
-    run.model.train()
+    if args.arch == "sam2unet" and is_prompted(input_spec(args)):
+        x = click_rounds(torch, run.model, x, y, input_spec(args), np.random.default_rng([args.seed, run.step]),
+                         args.click_rounds, args.click_share)
+    train_mode(run.model)
     # The plain U-Net returns its one map three times; SAM2-UNet's three heads all learn.
     outs = run.model(x)[: 1 if args.arch == "unet" else 3]
     loss = sum(structure_loss(o, y) for o in outs)
@@ -322,6 +372,32 @@ def _step(torch, run: _Run, args, x, y, teacher) -> float:
     run.opt.step()
     run.ema.update(run.model)
     return loss.item()
+
+
+def click_rounds(torch, model, x, y, spec: InputSpec, rng, rounds: int, share: float):
+    """Rounds of clicks on the model's own errors, as users correct (interactive training):
+    run the model, click the middle of each crop's largest error, make its mask the prior, repeat.
+    Applied to `share` of the batches, 1..rounds rounds each."""
+    from ..prompt_maps import click_map, read_clicks, write_prompts
+    from .prompt_sim import error_click
+
+    if rounds < 1 or rng.random() >= share:
+        return x
+    model.eval()
+    inputs = x.detach().cpu().numpy().copy()
+    targets = y.detach().cpu().numpy()[:, 0] > 0.5
+    clicks = read_clicks(inputs, spec)
+    size = inputs.shape[-2:]
+    with torch.no_grad():
+        for _ in range(int(rng.integers(1, rounds + 1))):
+            masks = (model(torch.from_numpy(inputs).to(x.device))[0] > 0).cpu().numpy()[:, 0]
+            for b in range(len(inputs)):
+                click = error_click(masks[b], targets[b])
+                if click is not None:
+                    spot = click_map([click], size)
+                    clicks[b] = np.maximum(clicks[b], spot) if click[2] else np.minimum(clicks[b], spot)
+                write_prompts(inputs[b], masks[b].astype(np.float32), clicks[b], spec)
+    return torch.from_numpy(inputs).to(x.device)
 
 
 class _Meter:
@@ -435,6 +511,7 @@ def card_extra(args, best_state, trained_steps: int | None = None) -> dict:
             "loss": f"weighted BCE + weighted IoU on {outputs}"
             + (f" + {args.distill_weight} x BCE against the teacher's probabilities" if args.teacher else ""),
             **({"teacher": str(args.teacher)} if args.teacher else {}),
+            **({"initialised_from": str(args.init)} if getattr(args, "init", None) else {}),
             "ema_decay": args.ema,
             **({"trained_on": best_state["trained_on"]} if best_state.get("trained_on") else {}),
         },
@@ -546,7 +623,16 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--channels", choices=("replicate", "multiview"), default="multiview")
+    p.add_argument("--channels", choices=CHANNEL_MODES, default="multiview",
+                   help="multiview: three intensity views; prompted: one view, a prior mask and clicks "
+                   "(the model follows corrections; prompt_maps.py)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from these weights: a run's best.pt or an fp32 SAM2-UNet .onnx / card of the "
+                   "same config (its stem's views are summed into channel 0 when the channels change)")
+    p.add_argument("--click-rounds", type=int, default=2,
+                   help="prompted models: up to this many rounds of clicks on the model's own errors per batch")
+    p.add_argument("--click-share", type=float, default=0.5,
+                   help="prompted models: share of batches that get those rounds")
     p.add_argument("--crop", choices=("square", "box_aspect"), default="box_aspect")
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--seed", type=int, default=0)

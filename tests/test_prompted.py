@@ -1,0 +1,205 @@
+"""Models that see prompts (card `channels: prompted`): drawing prompts, the engine's use of
+them (corrections, propagation, interpolation, clicks alone), and the training crops."""
+
+import numpy as np
+import pytest
+from conftest import sphere_volume
+from test_engine import CountingBackend
+
+from napari_sam2unet.engine import Engine
+from napari_sam2unet.models import InputSpec
+from napari_sam2unet.preprocess import Crop
+from napari_sam2unet.prompt_maps import click_map, prior_in_crop, read_clicks, to_crop_coords, write_prompts
+from napari_sam2unet.prompts import Box, Point, Prompts
+from napari_sam2unet.training import prompt_sim
+
+SPEC = InputSpec(channels="prompted")
+
+
+@pytest.fixture
+def engine(prompted_card):
+    data, truth = sphere_volume()
+    engine = Engine(CountingBackend(prompted_card))
+    engine.set_volume(data, (1.0, 1.0, 2.0))
+    engine.truth = truth
+    return engine
+
+
+def test_clicks_are_drawn_where_they_are_and_read_back():
+    crop = Crop(10.0, 20.0, 30.0, 40.0)
+    u, v = to_crop_coords(15.5, 35.5, crop, (100, 100))
+    assert (u, v) == pytest.approx((27.0, 77.0))
+    signed = click_map([(u, v, True), (80.0, 10.0, False)], (100, 100))
+    assert np.unravel_index(np.argmax(signed), signed.shape) == (27, 77)
+    assert np.unravel_index(np.argmin(signed), signed.shape) == (80, 10)
+    assert signed.max() == pytest.approx(1.0, abs=0.01) and signed.min() == pytest.approx(-1.0, abs=0.01)
+    assert abs(signed[0, 50]) < 1e-3  # far from both clicks: no click
+    x = np.zeros((3, 100, 100), np.float32)
+    write_prompts(x, np.ones((100, 100), np.float32), signed, SPEC)
+    assert np.allclose(read_clicks(x, SPEC), signed, atol=1e-5)
+    assert np.allclose(x[1] * SPEC.std[1] + SPEC.mean[1], 1.0, atol=1e-5)
+
+
+def test_prior_lands_on_the_same_pixels_of_the_crop():
+    prior = np.zeros((40, 40), bool)
+    prior[10:20, 10:20] = True
+    crop = Crop(10.0, 10.0, 30.0, 30.0)
+    drawn = prior_in_crop(prior, crop, (40, 40)) > 0.5
+    assert drawn[:20, :20].all() and not drawn[22:, :].any() and not drawn[:, 22:].any()
+
+
+def test_a_positive_click_adds_where_it_is_and_nowhere_else(engine):
+    box = Box(6, 12, 8, 37, 33)
+    result = engine.segment(Prompts([box]))
+    before = result.slices[6].mask.copy()
+    assert before[24, 20] and not before[24, 30]
+    click = Point(6, 24.5, 30.5)
+    calls = engine.backend.slices_seen
+    engine.correct(result, 6, Prompts([box], [click]))
+    after = result.slices[6].mask
+    assert engine.backend.slices_seen == calls + 1  # one model call per correction
+    assert after[24, 30]
+    changed = np.argwhere(after != before)
+    assert len(changed) and np.all(np.hypot(changed[:, 0] - 24, changed[:, 1] - 30) <= 3)
+
+
+def test_a_negative_click_trims_where_it_is(engine):
+    box = Box(6, 12, 8, 37, 33)
+    result = engine.segment(Prompts([box]))
+    before = result.slices[6].mask.copy()
+    engine.correct(result, 6, Prompts([box], [Point(6, 24.5, 28.5, positive=False)]))  # on the edge
+    after = result.slices[6].mask
+    assert before[24, 28] and not after[24, 28]
+    changed = np.argwhere(after != before)
+    assert len(changed) and np.all(np.hypot(changed[:, 0] - 24, changed[:, 1] - 28) <= 3)
+    assert after[24, 16]  # the rest of the object stays
+
+
+def test_corrections_accumulate_and_refine_stays_in_the_cache(engine):
+    box = Box(6, 12, 8, 37, 33)
+    prompts = Prompts([box], [Point(6, 24.5, 30.5)])
+    result = engine.segment(Prompts([box]))
+    engine.correct(result, 6, prompts)
+    prompts.points.append(Point(6, 24.5, 12.5, positive=False))  # on the far edge
+    engine.correct(result, 6, prompts)
+    mask = result.slices[6].mask
+    assert mask[24, 30] and not mask[24, 12]  # the second look kept the first click's gain
+    task = result.slices[6].tasks[0]
+    assert len(task.clicks) == 2 and task.prior is not None
+    calls = engine.backend.slices_seen
+    engine.refine(result, prompts, threshold=0.9)
+    assert engine.backend.slices_seen == calls
+
+
+def test_points_with_a_box_are_a_box_then_a_correction(engine):
+    box = Box(6, 12, 8, 37, 33)
+    result = engine.segment(Prompts([box], [Point(6, 24.5, 30.5)]))
+    assert result.slices[6].mask[24, 30]
+    assert result.slices[6].tasks[0].prior is not None
+
+
+def test_a_click_alone_segments_the_object_under_it(engine):
+    result = engine.segment(Prompts(points=[Point(6, 24.5, 20.5)]))
+    truth = engine.truth[:, :, 6]
+    mask = result.slices[6].mask
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+
+
+def test_propagation_gives_each_slice_its_neighbours_mask_and_stops_at_the_end(engine):
+    result = engine.segment(Prompts([Box(6, 12, 8, 37, 33)]), scope="propagate")
+    assert set(result.slices) <= set(np.flatnonzero(engine.truth.any((0, 1))))
+    for k in result.slices:
+        if k == 6:
+            continue
+        neighbour = k - 1 if k > 6 else k + 1
+        assert np.array_equal(result.slices[k].tasks[0].prior.mask, result.slices[neighbour].mask)
+    assert all("edge" in why or "vanished" in why for why in result.stops.values())
+
+
+def test_interpolation_walks_in_from_both_boxes(engine):
+    boxes = [Box(2, 12, 8, 37, 33), Box(10, 12, 8, 37, 33)]
+    result = engine.segment(Prompts(boxes), scope="between")
+    assert sorted(result.slices) == list(range(2, 11))
+    assert result.slices[3].tasks[0].prior.mask is not None
+    assert np.array_equal(result.slices[3].tasks[0].prior.mask, result.slices[2].mask)
+    assert np.array_equal(result.slices[9].tasks[0].prior.mask, result.slices[10].mask)
+
+
+def test_the_card_decides_whether_prompts_reach_the_model(engine, brightness_card):
+    plain = Engine(CountingBackend(brightness_card))
+    data, _ = sphere_volume()
+    plain.set_volume(data, (1.0, 1.0, 2.0))
+    mask = np.zeros((48, 40), bool)
+    mask[20:28, 16:24] = True
+    for which, expect_prompts in ((engine, True), (plain, False)):
+        task = which.correction_task(6, mask, [Point(6, 24.5, 30.5)])
+        x = which._model_input(task)
+        if expect_prompts:
+            assert not np.allclose(x[1], x[0]) and read_clicks(x, which.card.input).max() > 0.9
+        else:
+            assert np.allclose(x[1] * 0.224 + 0.456, x[0] * 0.229 + 0.485, atol=1e-4)  # the image, thrice
+
+
+def test_error_clicks_go_to_the_middle_of_the_largest_error():
+    target = np.zeros((40, 40), bool)
+    target[5:35, 5:35] = True
+    prediction = target.copy()
+    prediction[5:35, 5:15] = False  # a 30x10 miss
+    prediction[36:39, 36:39] = True  # a small leak
+    r, c, positive = prompt_sim.error_click(prediction, target)
+    assert positive and 8 <= c <= 11 and 9 <= r <= 30  # mid-width of the miss, away from its ends
+    assert prompt_sim.error_click(target, target) is None
+    clicks = prompt_sim.clicks_on_errors(prediction, target, 3)
+    assert [c[2] for c in clicks] == [True, False]
+
+
+def test_training_crops_carry_prompts_drawn_like_the_engines(shared_data, monkeypatch):
+    from napari_sam2unet.training import data
+    from napari_sam2unet.training.datasets import default_manifest, find_cases
+    from napari_sam2unet.training.sources import load_sources
+
+    monkeypatch.setenv("SAM2UNET_DATA", str(shared_data))
+    cases = [c for c in find_cases([default_manifest()], "train") if c.name == "totalseg_ct_sm"]
+    sources = load_sources(cases)
+    rng = np.random.default_rng(3)
+    modes = {}
+    while sum(modes.values()) < 40:
+        out = data.sample(rng, sources, SPEC, (96, 96))
+        if out is None:
+            continue
+        x, y, kind = out
+        mode = kind.split("/")[1]
+        modes[mode] = modes.get(mode, 0) + 1
+        prior = x[1] * SPEC.std[1] + SPEC.mean[1]
+        clicks = read_clicks(x, SPEC)
+        if mode == "box":
+            assert np.allclose(prior, 0, atol=1e-5) and np.allclose(clicks, 0, atol=1e-5)
+        if mode == "propagate" and y.any():
+            assert (prior > 0.5).sum() > 0
+        if mode == "clicks":
+            peak = np.unravel_index(np.argmax(clicks), clicks.shape)
+            assert clicks.max() > 0.9 and y[peak]  # the first click is on the structure
+    assert set(modes) == set(data.PROMPT_MODES)
+
+
+def test_training_rounds_click_on_the_models_own_errors():
+    torch = pytest.importorskip("torch")
+    from napari_sam2unet.training.train import click_rounds
+
+    class Nothing(torch.nn.Module):  # segments nothing: every target pixel is a miss
+        def forward(self, x):
+            return (torch.full((x.shape[0], 1, *x.shape[2:]), -5.0),)
+
+    y = np.zeros((2, 1, 64, 64), np.float32)
+    y[0, 0, 10:30, 10:30] = 1
+    y[1, 0, 40:60, 30:50] = 1
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    for b in range(2):
+        write_prompts(x[b], np.ones((64, 64), np.float32), np.zeros((64, 64), np.float32), SPEC)
+    out = click_rounds(torch, Nothing(), torch.from_numpy(x), torch.from_numpy(y), SPEC,
+                       np.random.default_rng(0), rounds=1, share=1.0).numpy()
+    clicks = read_clicks(out, SPEC)
+    for b, (r, c) in enumerate(((19.5, 19.5), (49.5, 39.5))):
+        peak = np.unravel_index(np.argmax(clicks[b]), (64, 64))
+        assert abs(peak[0] - r) <= 1 and abs(peak[1] - c) <= 1
+    assert np.allclose(out[:, 1] * SPEC.std[1] + SPEC.mean[1], 0, atol=1e-5)  # the prior: its empty mask
