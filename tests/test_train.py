@@ -152,7 +152,7 @@ def test_a_checkpoint_holds_no_functions_and_is_written_whole(shared_data, tmp_p
                  "--threads", "2", "--steps", "3"]) == 0
     # validation ran at step 3 although 3 is not a multiple of --log-every
     assert (out / "best.pt").is_file()
-    state = torch.load(out / "best.pt", weights_only=False)
+    state = torch.load(out / "best.pt", weights_only=True)
     assert "func" not in state["args"] and state["step"] == 3
     assert not list(out.glob("*.tmp"))
 

@@ -79,14 +79,13 @@ def load_base(base: str | os.PathLike | None = None, config: str | None = None) 
 
 
 def _base_from_checkpoint(path: Path, config: str | None) -> Base:
-    import torch
-
     from ..models import sha256_file
+    from .checkpoint_file import load_checkpoint
 
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "ema" in state and "args" in state:
+    state = load_checkpoint(path, "--base")  # weights only: a pickle cannot run code
+    if "ema" in state and "args" in state:
         from .train import load_run_model
 
         model, saved = load_run_model(path, "cpu", "--base")

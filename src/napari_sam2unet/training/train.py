@@ -42,15 +42,13 @@ def structure_loss(pred, mask):
 
 def load_run_model(path, device, what: str = "checkpoint"):
     """The best EMA weights of a `sam2unet train` run (its best.pt), built as that run's model."""
-    torch = require_torch("training", "train")
+    from .checkpoint_file import load_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist; give a run's best.pt")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception:  # torch raises several kinds for files it cannot read
-        state = None
-    if not isinstance(state, dict) or "ema" not in state or "args" not in state:
+    state = load_checkpoint(path, what, device)  # weights only: a pickle cannot run code
+    if "ema" not in state or "args" not in state:
         raise InputError(f"{what} {path} is not a checkpoint written by `sam2unet train`")
     saved = state["args"]
     model = build_model(saved["arch"], saved["config"]).to(device)
@@ -273,7 +271,9 @@ def _start_run(torch, args, device, out: Path) -> _Run:
     run = _Run(model, ema, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay))
     last_path = out / "last.pt"
     if args.resume and last_path.is_file():
-        run.resume(torch, torch.load(last_path, map_location=device, weights_only=False))
+        from .checkpoint_file import load_checkpoint
+
+        run.resume(torch, load_checkpoint(last_path, "--resume", device))
         print(f"resumed from {last_path} at step {run.step}", flush=True)
     elif args.resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
@@ -556,12 +556,15 @@ def _training_args(args, state: dict) -> argparse.Namespace:
 
 def export(args, best_path: Path) -> Path:
     """Export the best EMA weights: ONNX + model card."""
-    torch = require_torch("training", "train")
-    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    from .checkpoint_file import load_checkpoint
+
+    state = load_checkpoint(best_path, "--export")  # weights only: a pickle cannot run code
+    if "ema" not in state:
+        raise InputError(f"{best_path} is not a best.pt written by `sam2unet train`")
     trained_steps = None
     if args.export_only:
         last = best_path.with_name("last.pt")
-        run_state = torch.load(last, map_location="cpu", weights_only=False) if last.is_file() else state
+        run_state = load_checkpoint(last, "--export-only") if last.is_file() else state
         args = _training_args(args, run_state)
         trained_steps = run_state.get("step")
     model = build_model(args.arch, args.config)
