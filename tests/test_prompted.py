@@ -203,3 +203,49 @@ def test_training_rounds_click_on_the_models_own_errors():
         peak = np.unravel_index(np.argmax(clicks[b]), (64, 64))
         assert abs(peak[0] - r) <= 1 and abs(peak[1] - c) <= 1
     assert np.allclose(out[:, 1] * SPEC.std[1] + SPEC.mean[1], 0, atol=1e-5)  # the prior: its empty mask
+
+
+def test_cli_corrects_a_saved_label_map_where_the_user_clicks(tmp_path, prompted_card, brightness_card, capsys):
+    import nibabel as nib
+    from conftest import write_nifti
+
+    from napari_sam2unet.cli import main
+
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    prior = truth.astype(np.uint8) * 3
+    prior[:, :, 6][24:, :] = 0  # the lower half of slice 6 is missing
+    saved = write_nifti(tmp_path / "ball_seg.nii.gz", prior)
+    out = tmp_path / "corrected.nii.gz"
+    code = main(["segment", str(image), "--prior", str(saved), "--point", "6:29.5,20.5", "--out", str(out),
+                 "--model", str(prompted_card.card_path), "--label", "3", "--quiet"])
+    assert code == 0
+    corrected = np.asarray(nib.load(str(out)).dataobj)
+    untouched = [k for k in range(12) if k != 6]
+    assert np.array_equal(corrected[:, :, untouched], prior[:, :, untouched])
+    assert corrected[29, 20, 6] == 3  # the click added the part under it
+    assert corrected[:, :, 6].sum() > prior[:, :, 6].sum()
+    for refused, why in (([], "needs at least one --point"),
+                         (["--point", "6:29.5,20.5", "--model", str(brightness_card.card_path)], "sees prompts")):
+        code = main(["segment", str(image), "--prior", str(saved), "--out", str(tmp_path / "x.nii.gz"), *refused,
+                     *(["--model", str(prompted_card.card_path)] if "--model" not in refused else [])])
+        assert code != 0 and why in capsys.readouterr().err
+        assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_eval_scores_the_click_protocols_through_the_engine(tmp_path, prompted_card):
+    from conftest import write_nifti
+
+    from napari_sam2unet.training.evaluate import BOX_PROTOCOLS, PROTOCOLS, evaluate
+
+    data, truth = sphere_volume()
+    reference = truth.copy()
+    reference[22:27, 28:31, 4:9] = True  # a dim part of the structure: only clicks can add it
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_seg.nii.gz", reference.astype(np.uint8))
+    report = evaluate([(image, labels)], [str(prompted_card.card_path)])
+    scores = report["summary"][prompted_card.name]
+    assert set(scores) == set(PROTOCOLS)
+    assert set(report["summary"]["otsu-in-box"]) == set(BOX_PROTOCOLS)  # Otsu has no clicks
+    assert scores["corrected"]["mean"] > scores["tight"]["mean"]  # the clicks added the dim part
+    assert scores["clicks"]["mean"] > 0.8

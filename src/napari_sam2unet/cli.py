@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import Cancelled, Sam2UnetError
 from .preprocess import WINDOW_CHOICES
@@ -40,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--box", action="append", default=[], metavar="K:I0,J0,I1,J1",
                      help="box on slice K: rows [I0, I1), columns [J0, J1) of the other two axes; repeat for more")
     seg.add_argument("--point", action="append", default=[], metavar="K:I,J[:neg]",
-                     help="point on slice K; ':neg' removes the region under it; repeat for more")
+                     help="point on slice K; ':neg' removes the region under it; repeat for more. With a model "
+                     "that sees prompts a point is a click: it adds to (or, ':neg', trims) the object there")
+    seg.add_argument("--prior", type=Path, default=None, metavar="LABELS",
+                     help="correct this label map (same grid as the image): each slice with --point is looked at "
+                     "again with its mask there as the prior; other slices are kept. Needs a prompted model")
+    seg.add_argument("--prior-label", type=int, default=None,
+                     help="the label of --prior to correct (default: every non-zero voxel)")
     seg.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis (default 2, the last)")
     seg.add_argument("--scope", default="auto", choices=("auto", "slices", "between", "propagate", "volume"),
                      help="which slices: auto = all slices without prompts, between boxes on 2+ slices, "
@@ -92,6 +100,7 @@ def run_segment(args: argparse.Namespace) -> int:
     prompts = Prompts([parse_box(b) for b in args.box], [parse_point(p) for p in args.point])
     _check_finite_prompts(args.box, prompts.boxes, args.point, prompts.points)
     volume = read_volume(args.image, args.volume_index)
+    prior = _read_prior(args, volume, prompts)
     # Fail before minutes of work, not after: existing files, the sidecar, a folder we cannot write.
     check_output_path(args.out, volume, args.overwrite, sidecar=not args.no_sidecar)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -103,7 +112,10 @@ def run_segment(args: argparse.Namespace) -> int:
         engine = Engine(backend)
         engine.set_volume(volume.data, volume.spacing, args.axis, args.window, args.replace_nonfinite)
         say(f"model {card.name} on {backend.device}{_brief_reason(args.backend, card, backend, why)}")
-        result = engine.segment(prompts, args.scope, args.threshold, progress=_progress_bar(args.quiet))
+        if prior is None:
+            result = engine.segment(prompts, args.scope, args.threshold, progress=_progress_bar(args.quiet))
+        else:
+            result = _correct_prior(engine, prior, prompts, args.threshold)
     labels = result.labels(args.label)
     sidecar = None if args.no_sidecar else _provenance(args, card, backend, why, engine, result, prompts)
     write_labels(args.out, labels, volume, sidecar, overwrite=args.overwrite)
@@ -115,6 +127,38 @@ def run_segment(args: argparse.Namespace) -> int:
     if voxels == 0:
         say("warning: nothing was segmented; check the prompts, --window or a lower --threshold")
     return 0
+
+
+def _read_prior(args, volume, prompts):
+    """--prior as a boolean volume on the image's grid, or None; refused before any work."""
+    from .io import read_volume
+
+    if args.prior is None:
+        if args.prior_label is not None:
+            raise Sam2UnetError("--prior-label needs --prior LABELS, the label map to correct")
+        return None
+    if not prompts.points:
+        raise Sam2UnetError("--prior needs at least one --point: the clicks that correct it")
+    labels = read_volume(args.prior)
+    if labels.data.shape != volume.data.shape:
+        raise Sam2UnetError(f"--prior {args.prior.name} is {'x'.join(map(str, labels.data.shape))} voxels, the image "
+                            f"{'x'.join(map(str, volume.data.shape))}: give a label map on the image's grid")
+    if not np.allclose(labels.affine, volume.affine, atol=1e-3):
+        raise Sam2UnetError(f"--prior {args.prior.name} is not aligned with the image (their affines differ); "
+                            f"resample it onto the image's grid first")
+    data = np.asarray(labels.data)
+    return data != 0 if args.prior_label is None else data == args.prior_label
+
+
+def _correct_prior(engine, prior, prompts, threshold):
+    """The prior kept, and each slice with points looked at again with its mask as the prior."""
+    if not engine.prompted:
+        raise Sam2UnetError(f"--prior needs a model that sees prompts (model card `channels: prompted`); "
+                            f"{engine.card.name} has channels {engine.card.input.channels}")
+    result = engine.result_from_mask(prior, threshold)
+    for k in sorted({p.slice for p in prompts.points}):
+        engine.correct(result, k, prompts)
+    return result
 
 
 def _check_threads(threads: int | None) -> None:
@@ -160,8 +204,10 @@ def _progress_bar(quiet: bool):
 def _provenance(args, card, backend, why, engine, result, prompts) -> dict:
     from .provenance import run_record
 
+    extra = {} if args.prior is None else {"corrected": str(args.prior.resolve()), "prior_label": args.prior_label}
     return run_record(args.image, label=args.label, axis=args.axis, scope=args.scope, window=args.window,
-                      card=card, backend=backend, why=why, engine=engine, result=result, prompts=prompts)
+                      card=card, backend=backend, why=why, engine=engine, result=result, prompts=prompts,
+                      **extra)
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -549,7 +549,22 @@ class Engine:
             result.threshold = threshold
         for k in slices if slices is not None else list(result.slices):
             tasks = result.slices[k].tasks
+            if not tasks:
+                continue  # a mask made elsewhere (result_from_mask): nothing cached to redo
             result.slices[k] = SliceResult(tasks, self.postprocess(k, tasks, prompts, result.threshold))
+        return result
+
+    def result_from_mask(self, mask: np.ndarray, threshold: float | None = None) -> SegmentationResult:
+        """A result holding a mask made elsewhere (a saved label map, the user's painting), so that
+        clicks can correct it slice by slice; its slices have no model call behind them yet."""
+        self._require_volume()
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.shape:
+            raise InputError(f"the mask is {mask.shape}, the volume {self.shape}: they must share the grid")
+        threshold = self.card.threshold if threshold is None else threshold
+        result = SegmentationResult(self.shape, self.axis, threshold, key=self.key)
+        for k in np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != self.axis))):
+            result.slices[int(k)] = SliceResult([], np.array(axis_plane(mask, int(k), self.axis)))
         return result
 
     def correct(self, result: SegmentationResult, k: int, prompts: Prompts,
@@ -569,7 +584,8 @@ class Engine:
         result.threshold = threshold
         if k not in result.slices:
             on_slice = Prompts(prompts.boxes_on(k), prompts.points_on(k))
-            if on_slice:
+            # Negative points alone on an empty slice ask for nothing.
+            if on_slice.boxes or any(p.positive for p in on_slice.points):
                 result.slices.update(self.segment(on_slice, "slices", threshold).slices)
             return result
         if not self.prompted:

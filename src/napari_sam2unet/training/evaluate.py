@@ -4,10 +4,14 @@ Every slice a structure touches gets a box from its reference outline, enlarged 
 "tight" protocol) or moved and resized at random as people draw them (the "jittered" protocol,
 fixed seed). "interpolated" boxes only the first, middle and last slice and lets the engine
 interpolate the boxes between them (`--scope between`); "propagated" boxes only the structure's
-largest slice and propagates from there (`--scope propagate`). Each model segments through the
-engine, exactly as the CLI would; the classical baseline (Otsu inside the box, the region under
-the box centre, holes filled) sees the same boxes, the same intensity window and the same
-propagation rule.
+largest slice and propagates from there (`--scope propagate`). "corrected" boxes every slice
+as "tight" does, then clicks three rounds, one click per slice a round at the middle of the
+slice's largest error (positive on a miss, negative on a leak), as interactive-segmentation
+benchmarks simulate users. "clicks" gives one click per slice at the middle of the structure's
+largest part there, no box; "click_propagated" that click on the largest slice, propagated.
+Each model segments through the engine, exactly as the CLI and the widget would; the classical
+baseline (Otsu inside the box, the region under the box centre, holes filled) sees the same boxes,
+the same intensity window and the same propagation rule.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..preprocess import axis_plane, plan_views
-from ..prompts import Box, Prompts
+from ..prompts import Box, Point, Prompts
+from .prompt_sim import deepest_point, error_click, largest_region
 
 MIN_VOXELS = 50  # structures smaller than this in the whole volume are not scored
 SMALL_VOXELS = 500  # structures below this are reported as "small" too
 ENLARGE = 0.10
-PROTOCOLS = ("tight", "jittered", "interpolated", "propagated")
+BOX_PROTOCOLS = ("tight", "jittered", "interpolated", "propagated")
+CLICK_PROTOCOLS = ("corrected", "clicks", "click_propagated")
+PROTOCOLS = BOX_PROTOCOLS + CLICK_PROTOCOLS
+CORRECTION_ROUNDS = 3
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Case:
     label: int | str
     mask: np.ndarray  # bool, the reference
     boxes: dict[str, list[Box]] = field(default_factory=dict)  # protocol -> boxes
+    points: dict[str, list[Point]] = field(default_factory=dict)  # protocol -> clicks
 
     @property
     def voxels(self) -> int:
@@ -83,7 +92,7 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             continue
         mask = labels == label
         name = (names or {}).get(int(label), int(label))
-        case = Case(scan, name, mask, {p: [] for p in PROTOCOLS})
+        case = Case(scan, name, mask, {p: [] for p in BOX_PROTOCOLS}, {"clicks": [], "click_propagated": []})
         largest = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))
         for k in range(mask.shape[axis]):
             plane = axis_plane(mask, k, axis)
@@ -94,12 +103,40 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             rows, cols = (int(r[0]), int(r[-1]) + 1), (int(c[0]), int(c[-1]) + 1)
             case.boxes["tight"].append(Box(k, *enlarged_box(rows, cols, plane.shape, ENLARGE)))
             case.boxes["jittered"].append(Box(k, *jittered_box(rng, rows, cols, plane.shape)))
+            middle = Point(k, *(v + 0.5 for v in deepest_point(largest_region(plane))))
+            case.points["clicks"].append(middle)
             if k == largest:
                 case.boxes["propagated"].append(case.boxes["tight"][-1])
+                case.points["click_propagated"].append(middle)
         tight = case.boxes["tight"]
         case.boxes["interpolated"] = [tight[0], tight[len(tight) // 2], tight[-1]] if len(tight) > 2 else list(tight)
         cases.append(case)
     return cases
+
+
+def corrected_volume(engine, case: Case, threshold=None, rounds: int = CORRECTION_ROUNDS) -> np.ndarray:
+    """A box on every slice, then rounds of one corrective click per slice at the middle of its
+    largest error, each answered by the engine as the widget answers a click."""
+    prompts = Prompts(boxes=list(case.boxes["tight"]))
+    result = engine.segment(prompts, scope="slices", threshold=threshold)
+    for _ in range(rounds):
+        for box in case.boxes["tight"]:
+            truth = axis_plane(case.mask, box.slice, engine.axis)
+            click = error_click(result.slices[box.slice].mask, truth)
+            if click is not None:
+                prompts.points.append(Point(box.slice, click[0] + 0.5, click[1] + 0.5, click[2]))
+                engine.correct(result, box.slice, prompts)
+    return result.mask
+
+
+def model_volume(engine, case: Case, protocol: str, threshold=None) -> np.ndarray:
+    """A model's mask of a case under a protocol, through the engine as users drive it."""
+    if protocol == "corrected":
+        return corrected_volume(engine, case, threshold)
+    if protocol in CLICK_PROTOCOLS:
+        scope = "propagate" if protocol == "click_propagated" else "slices"
+        return engine.segment(Prompts(points=case.points[protocol]), scope=scope, threshold=threshold).mask
+    return engine.segment(Prompts(boxes=case.boxes[protocol]), scope=SCOPE_OF[protocol], threshold=threshold).mask
 
 
 # --- the classical baseline -----------------------------------------------------------------
@@ -226,11 +263,12 @@ def evaluate(
     for _, cases in loaded:
         report["cases"] += [{"scan": c.scan, "label": c.label, "voxels": c.voxels} for c in cases]
     if baseline:
-        method = report["methods"].setdefault("otsu-in-box", {p: [] for p in protocols})
+        boxed = [p for p in protocols if p in BOX_PROTOCOLS]
+        method = report["methods"].setdefault("otsu-in-box", {p: [] for p in boxed})
         for volume, cases in loaded:
             view = plan_views(volume.data, window, "replicate")[0]  # the window the models get first
             for case in cases:
-                for protocol in protocols:
+                for protocol in boxed:
                     pred = baseline_volume(volume.data, case.boxes[protocol], axis, view, protocol)
                     method[protocol].append(dice(pred, case.mask))
     for model in models:
@@ -246,9 +284,7 @@ def evaluate(
                 engine.set_volume(volume.data, volume.spacing, axis, window)
                 for case in cases:
                     for protocol in protocols:
-                        result = engine.segment(Prompts(boxes=case.boxes[protocol]), scope=SCOPE_OF[protocol],
-                                                threshold=threshold)
-                        scores[protocol].append(dice(result.mask, case.mask))
+                        scores[protocol].append(dice(model_volume(engine, case, protocol, threshold), case.mask))
             name = card.name if card.name not in report["methods"] else f"{card.name} ({model})"
             report["methods"][name] = scores
             report.setdefault("seconds", {})[name] = round(time.perf_counter() - began, 1)
@@ -283,8 +319,8 @@ def markdown_table(report: dict) -> str:
     ]
     for name in methods:
         s = report["summary"][name]
-        cells = [f"{s[p]['mean']:.3f}" for p in protocols] + [
-            f"{s[p]['small_mean']:.3f}" if s[p]["small_mean"] is not None else "-" for p in protocols
+        cells = [f"{s[p]['mean']:.3f}" if p in s else "-" for p in protocols] + [
+            f"{s[p]['small_mean']:.3f}" if p in s and s[p]["small_mean"] is not None else "-" for p in protocols
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = protocols[0]
@@ -316,7 +352,9 @@ def add_eval_parser(subparsers) -> None:
                    help="the folder a manifest's paths are relative to (default: $SAM2UNET_DATA)")
     p.add_argument("--margin", type=float, default=None, help="crop margin instead of the card's")
     p.add_argument("--protocol", action="append", choices=PROTOCOLS, default=None,
-                   help="score only these protocols (repeat; default: all)")
+                   help="score only these protocols (repeat; default: all): boxes on every slice (tight, "
+                   "jittered), on three (interpolated), on one (propagated); boxes then 3 rounds of corrective "
+                   "clicks (corrected); one click per slice (clicks) or on one slice, propagated (click_propagated)")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     p.add_argument("--window", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the jittered boxes")
