@@ -249,3 +249,21 @@ def test_eval_scores_the_click_protocols_through_the_engine(tmp_path, prompted_c
     assert set(report["summary"]["otsu-in-box"]) == set(BOX_PROTOCOLS)  # Otsu has no clicks
     assert scores["corrected"]["mean"] > scores["tight"]["mean"]  # the clicks added the dim part
     assert scores["clicks"]["mean"] > 0.8
+
+
+def test_fine_tuning_crops_of_a_prompted_model_carry_prompts_and_its_validation_none():
+    from napari_sam2unet.preprocess import plan_views
+    from napari_sam2unet.training.finetune import Item, training_batch, validation_crops
+
+    data, truth = sphere_volume()
+    views = plan_views(data, "mr", "prompted")
+    items = [Item(data[:, :, k], truth[:, :, k], (1.0, 1.0), views) for k in (4, 6, 8)]
+    x, y = training_batch(np.random.default_rng(0), items, SPEC, (64, 64), 24)
+    priors = x[:, 1] * SPEC.std[1] + SPEC.mean[1]
+    clicks = read_clicks(x, SPEC)
+    assert (priors.max((1, 2)) > 0.5).sum() >= 6  # many crops have a prior ...
+    assert (np.abs(clicks).max((1, 2)) > 0.5).sum() >= 3  # ... some have clicks
+    assert (priors.max((1, 2)) < 1e-4).sum() >= 3  # ... and some a box alone
+    vx, _ = validation_crops(items, SPEC, (64, 64))
+    assert np.allclose(vx[:, 1] * SPEC.std[1] + SPEC.mean[1], 0, atol=1e-5)  # scored as a box alone
+    assert np.allclose(read_clicks(vx, SPEC), 0, atol=1e-5)

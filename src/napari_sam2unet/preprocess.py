@@ -294,6 +294,11 @@ def to_model_input(
     """
     if out is None:
         out = np.empty((3, *raw_crop.shape), dtype=np.float32)
+    if spec.channels == "prompted":
+        # Channels 1-2 hold prompts (prompt_maps.py); until they are drawn: no prior, no click.
+        out[1] = np.float32((0.0 - spec.mean[1]) / spec.std[1])
+        out[2] = np.float32((0.5 - spec.mean[2]) / spec.std[2])
+        views = views[:1]
     scaled: dict[View, np.ndarray] = {}
     for index, view in enumerate(views):
         if view not in scaled:

@@ -216,13 +216,30 @@ def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size
         if y.sum() < 2:
             return None
         if mode == "correct":
-            prior_crop = prompt_sim.corrupt(rng, y).astype(np.float32)
-            count = int(rng.choice(4, p=[0.15, 0.4, 0.25, 0.2]))
-            clicks = prompt_sim.clicks_on_errors(prior_crop > 0.5, y, count)
+            prior_crop, clicks = flawed_prior(rng, y)
     if prior_crop is None:
         prior_crop = np.zeros(size, dtype=np.float32)
     write_prompts(x, prior_crop, click_map(clicks, size), spec)
     return x, y, f"{kind}/{mode}"
+
+
+def flawed_prior(rng, target: np.ndarray) -> tuple[np.ndarray, list]:
+    """A flawed mask of a crop's target and 0-3 clicks on its errors: a correction to make."""
+    prior = prompt_sim.corrupt(rng, target)
+    count = int(rng.choice(4, p=[0.15, 0.4, 0.25, 0.2]))
+    return prior.astype(np.float32), prompt_sim.clicks_on_errors(prior, target, count)
+
+
+def box_crop_prompts(rng, x: np.ndarray, target: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Prompts for a box-framed crop whose neighbouring slices are unknown (fine-tuning): none,
+    the target shifted and grown as a neighbour's mask would be, or a flawed mask with clicks."""
+    u = rng.random()
+    prior, clicks = np.zeros(target.shape, np.float32), []
+    if u < 0.3:
+        prior = prompt_sim.perturb(rng, target).astype(np.float32)
+    elif u < 0.65:
+        prior, clicks = flawed_prior(rng, target)
+    return write_prompts(x, prior, click_map(clicks, target.shape), spec)
 
 
 def _click_crop(rng, mask, click, spacing2d) -> Crop:

@@ -290,7 +290,8 @@ def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int, deform
     (with probability deform) a small rotation and rescaling, and (with probability exact) the
     box and framing the evaluation uses (outline + 10%, the card's margin)."""
     from ..preprocess import View
-    from .data import bbox, make_crop
+    from ..prompt_maps import is_prompted
+    from .data import bbox, box_crop_prompts, make_crop
     from .evaluate import ENLARGE, enlarged_box
 
     xs, ys = [], []
@@ -317,6 +318,8 @@ def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int, deform
         else:
             x, y = make_crop(img, mask, spacing, views, spec, size, rng)
         if y.sum() >= 1:
+            if is_prompted(spec):  # the same simulated prompts the base model learnt from
+                box_crop_prompts(rng, x, y, spec)
             xs.append(x)
             ys.append(y)
     return np.stack(xs).astype(np.float32), np.stack(ys)[:, None].astype(np.float32)
