@@ -267,3 +267,19 @@ def test_fine_tuning_crops_of_a_prompted_model_carry_prompts_and_its_validation_
     vx, _ = validation_crops(items, SPEC, (64, 64))
     assert np.allclose(vx[:, 1] * SPEC.std[1] + SPEC.mean[1], 0, atol=1e-5)  # scored as a box alone
     assert np.allclose(read_clicks(vx, SPEC), 0, atol=1e-5)
+
+
+def test_npu_calibration_inputs_carry_prompts_as_the_engine_draws_them(tmp_path, prompted_card):
+    from conftest import write_nifti
+
+    from napari_sam2unet.backends.onnx import OnnxBackend
+    from napari_sam2unet.qnn.slices import Scan, engine_inputs
+
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_seg.nii.gz", truth.astype(np.uint8))
+    inputs = engine_inputs(OnnxBackend(prompted_card, threads=1), [Scan(image, labels)], 9)
+    priors = (inputs[:, 1] * SPEC.std[1] + SPEC.mean[1]).max((1, 2))
+    clicks = np.abs(read_clicks(inputs, SPEC)).max((1, 2))
+    assert (priors < 1e-4).sum() == 3 and (priors > 0.5).sum() == 6  # a box alone, then a prior
+    assert (clicks > 0.5).sum() == 3  # the corrections' clicks
