@@ -488,6 +488,18 @@ def weights_licence(train_cases) -> str:
     return "not for redistribution: trained on data under " + "; ".join(blocked)
 
 
+# What a prompted card says its input channels hold (prompt_maps.py draws them).
+PROMPT_CARD = {
+    "channel_0": "the intensity window (CT preset or MR percentiles), the crop resized to the input",
+    "channel_1": "prior mask, 0..1, in the crop's frame: the neighbouring slice's mask when propagating or "
+                 "interpolating, the current mask when correcting; 0 for a box alone",
+    "channel_2": "clicks: 0.5 where there is none, a Gaussian (sigma 0.02 of the input side) up to 1 at a "
+                 "positive click and down to 0 at a negative one",
+    "normalisation": "each channel like an image channel: x * scale (0..255 -> 0..1), minus mean, over std",
+    "box": "the crop itself: the box plus the card's margin, resized to the input",
+}
+
+
 def card_extra(args, best_state, trained_steps: int | None = None) -> dict:
     """What the card says about the model's input and training (metrics are added by eval)."""
     splits = training_cases(args)
@@ -498,7 +510,10 @@ def card_extra(args, best_state, trained_steps: int | None = None) -> dict:
     return {
         "input": {"channels": args.channels, "crop": args.crop, "margin": args.margin},
         "licence": weights_licence(splits["train"]),
-        "task": "class-agnostic box-steered segmentation of one structure per box on an MRI or CT slice",
+        "task": ("class-agnostic segmentation of one structure on an MRI or CT slice, steered by a box, clicks "
+                 "and a prior mask in its input channels" if args.channels == PROMPTED else
+                 "class-agnostic box-steered segmentation of one structure per box on an MRI or CT slice"),
+        **({"prompts": PROMPT_CARD} if args.channels == PROMPTED else {}),
         "training": {
             "command": args.command_line,
             "seed": args.seed,
