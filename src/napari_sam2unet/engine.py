@@ -231,13 +231,19 @@ class Engine:
         """Points as a prompted model's clicks (other models steer by points after the model)."""
         return tuple((p.i, p.j, p.positive) for p in points) if self.prompted else ()
 
-    def correction_task(self, k: int, mask: np.ndarray, points, keep_clicked: bool = False) -> SliceTask:
+    def correction_task(self, k: int, mask: np.ndarray, points, keep_clicked: bool = False,
+                        boxed: SliceTask | None = None) -> SliceTask:
         """A prompted model's second look at a slice: its current mask as the prior and the
-        slice's points as clicks, framed around the mask and every point (a click outside the
-        mask must be in view to add to it)."""
+        slice's points as clicks. A boxed slice keeps its box's crop and clip while every
+        positive click lies in the box (the box says where the object is); otherwise the crop
+        frames the mask and every positive click (a click outside must be in view to add)."""
+        positive = [(p.i, p.j) for p in points if p.positive]
+        if boxed is not None and boxed.clip is not None and all(_inside(boxed.clip, i, j) for i, j in positive):
+            return replace(boxed, prior=Prior.of(mask), clicks=self._clicks(points), keep_clicked=keep_clicked,
+                           choose=False)
         rows, cols = self.slice_shape
         box = mask_box(mask, PROPAGATE_GROWTH) if mask.any() else None
-        reach = [(p.i, p.j) for p in points if p.positive] or ([] if box else [(p.i, p.j) for p in points])
+        reach = positive or ([] if box else [(p.i, p.j) for p in points])
         if reach:
             pad = 2.0
             i0, j0 = min(i for i, _ in reach) - pad, min(j for _, j in reach) - pad
@@ -440,7 +446,8 @@ class Engine:
             yield done, total
         if second:
             tasks = {k: self.correction_task(k, result.slices[k].mask, prompts.points_on(k),
-                                             keep_clicked=not prompts.boxes_on(k)) for k in second}
+                                             keep_clicked=not prompts.boxes_on(k), boxed=_single(plan[k]))
+                     for k in second}
             for k in second:
                 self._run_tasks([tasks[k]])
                 result.slices[k] = SliceResult([tasks[k]], self.postprocess(k, [tasks[k]], prompts, threshold))
@@ -592,7 +599,7 @@ class Engine:
             return self.refine(result, prompts, threshold, slices=[k])
         current = result.slices[k]
         keep_clicked = any(t.keep_clicked for t in current.tasks)
-        task = self.correction_task(k, current.mask, prompts.points_on(k), keep_clicked)
+        task = self.correction_task(k, current.mask, prompts.points_on(k), keep_clicked, _single(current.tasks))
         self._run_tasks([task])
         result.slices[k] = SliceResult([task], self.postprocess(k, [task], prompts, threshold))
         return result
@@ -603,6 +610,15 @@ class Engine:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+def _single(tasks: list[SliceTask]) -> SliceTask | None:
+    """A slice's one boxed task, whose box a correction keeps (several boxes: none)."""
+    return tasks[0] if len(tasks) == 1 and tasks[0].clip is not None else None
+
+
+def _inside(box, i: float, j: float) -> bool:
+    return box[0] <= i < box[2] and box[1] <= j < box[3]
 
 
 def _check_spacing(spacing) -> None:
