@@ -267,3 +267,40 @@ def test_a_second_required_input_is_a_model_error(tmp_path):
                  [_value("logits", TensorProto.FLOAT, ["N", 1, 352, 352])], nodes, [raxes])
     with pytest.raises(ModelError, match="takes 2 inputs \\(image, bias\\); a SAM2-UNet model takes one image"):
         OnnxBackend(write_test_card(path), threads=1)
+
+
+# --- issue 25: cards from a models folder are small and without aliases --------------------
+
+
+def _alias_bomb(levels: int) -> str:
+    """Each level a list of nine aliases of the one before: 9**(levels + 1) strings when expanded."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\nthreshold: *l{levels}\n"
+
+
+@pytest.mark.parametrize("extra", [_alias_bomb(5), "note: '" + "x" * (1 << 20) + "'\n"])
+def test_an_alias_bomb_or_a_huge_card_is_skipped_with_one_warning(tmp_path, monkeypatch, brightness_card, extra):
+    # (9 levels took 44 s and ended in MemoryError: the error message printed the threshold's value)
+    from napari_sam2unet.models import ModelCardWarning, find_model, list_models
+
+    card = brightness_card.card_path.read_text().replace("threshold: 0.5\n", "")
+    (tmp_path / "bomb.yaml").write_text(card + extra)
+    monkeypatch.setenv("SAM2UNET_MODELS", str(tmp_path))
+    with pytest.warns(ModelCardWarning, match="bomb.yaml") as caught:
+        names = [card.name for card in list_models()]
+    messages = [str(w.message) for w in caught if "bomb.yaml" in str(w.message)]
+    assert len(messages) == 1 and len(messages[0]) < 500, messages
+    assert ("aliases (*name) are not allowed" if "&l0" in extra else "is over 1 MiB: not a model card") in messages[0]
+    assert "brightness" in names and "sam2unet-compact" in names
+    with pytest.warns(ModelCardWarning):
+        assert find_model().name == "sam2unet-compact"  # the default model still segments
+
+
+def test_a_card_written_with_a_repeated_value_reads_back(tmp_path, brightness_card):
+    from napari_sam2unet.models import write_card
+
+    shared = [1, 2, 3]
+    data = {**brightness_card.raw, "notes": {"first": shared, "second": shared}}
+    card = load_card(write_card(data, tmp_path / "copy.yaml"))
+    assert card.raw["notes"]["second"] == [1, 2, 3]

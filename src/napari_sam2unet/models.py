@@ -259,6 +259,33 @@ def card_from_dict(data: dict[str, Any], card_path: Path) -> ModelCard:
 
 
 _CARD_SUFFIXES = (".yaml", ".yml")
+MAX_CARD_BYTES = 1 << 20  # a card is a few kB; a larger one is not a card (and not read whole)
+
+
+class _CardLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` can expand a few lines into gigabytes (an alias bomb)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a model card", mark)
+        return super().compose_node(parent, index)
+
+
+class _CardDumper(yaml.SafeDumper):
+    """safe_dump that writes a repeated value out again instead of as an alias the loader refuses."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def _read_card_yaml(path: Path) -> Any:
+    """The card's YAML, read only up to MAX_CARD_BYTES and without aliases."""
+    with open(path, "rb") as file:
+        raw = file.read(MAX_CARD_BYTES + 1)
+    if len(raw) > MAX_CARD_BYTES:
+        raise ModelError(f"model card {path} is over {MAX_CARD_BYTES >> 20} MiB: not a model card")
+    return yaml.load(raw.decode("utf-8"), Loader=_CardLoader)
 
 
 def load_card(path: str | os.PathLike) -> ModelCard:
@@ -278,7 +305,7 @@ def load_card(path: str | os.PathLike) -> ModelCard:
     if not path.is_file():
         raise ModelError(f"model card {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _read_card_yaml(path)
     except yaml.YAMLError as error:
         raise ModelError(f"model card {path} is not valid YAML: {_one_line(error)}") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -312,7 +339,7 @@ def write_card(data: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a model card; the caller supplies the dict (file, sha256, input, ...)."""
     path = Path(path)
     card_from_dict(data, path)  # refuse to write a card we could not read back
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.dump(data, Dumper=_CardDumper, sort_keys=False))
     return path
 
 
