@@ -264,3 +264,72 @@ def test_a_napari_session_replays_with_its_prompts_and_options(tmp_path):
     assert [b.slice for b in case.prompts.boxes] == [4, 9] and case.prompts.points[0].positive
     with pytest.raises(Exception, match="2 matching runs"):
         resolve_case(CaseSpec("c", spec.image, {"prompts": str(tmp_path / "session.json")}))
+
+
+# --- issue 25: a batch never replaces what it did not write ---------------------------------
+
+
+def _case_job(tmp_path, model, overwrite=False):
+    from conftest import sphere_volume, write_nifti
+
+    from napari_sam2unet.batch import Job, model_sha256
+    from napari_sam2unet.models import find_model
+
+    image = write_nifti(tmp_path / "ball.nii.gz", sphere_volume()[0])
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    card = find_model(model)
+    job = Job(str(out), model, model_sha256(card), "cpu", 1, overwrite)
+    return CaseSpec("ball", image, {"box": ["6:14,12,34,28"]}), job, out
+
+
+def test_a_users_file_named_like_a_case_output_is_kept_unless_overwrite(tmp_path, model):
+    from napari_sam2unet.batch import run_case
+
+    spec, job, out = _case_job(tmp_path, model)
+    for name in ("ball.nii.gz", "ball.json"):  # the user's label map, or a JSON of theirs, with a case's name
+        mine = out / name
+        mine.write_bytes(b"the user's own file")
+        result = run_case(spec, job)
+        assert result.status == "failed" and "was not written by sam2unet batch" in result.reason
+        assert "--overwrite" in result.reason and mine.read_bytes() == b"the user's own file"
+        mine.unlink()
+    # a batch's own output is its to replace: the same case again with a new box runs over it
+    assert run_case(spec, job).status == "segmented"
+    changed = CaseSpec("ball", spec.image, {"box": ["6:12,10,36,30"]})
+    assert run_case(changed, job).status == "segmented"
+    # with --overwrite the user's file is replaced
+    (out / "ball.json").unlink()
+    (out / "ball.nii.gz").write_bytes(b"the user's own file")
+    spec, job, out = _case_job(tmp_path, model, overwrite=True)
+    assert run_case(spec, job).status == "segmented"
+    assert _labels(out / "ball.nii.gz").any()
+
+
+@pytest.mark.parametrize("column", ["reference", "boxes_from", "image", "prompts", "image's JSON"])
+def test_an_output_that_is_an_input_of_the_manifest_is_refused_before_anything_runs(tmp_path, capsys, model,
+                                                                                    column):
+    from conftest import sphere_volume, write_nifti
+
+    data, truth = sphere_volume()
+    out = tmp_path / "refs"
+    out.mkdir()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    row = {"case": "ball", "image": str(image), "box": "6:14,12,34,28"}
+    if column in ("reference", "boxes_from"):
+        row[column] = str(write_nifti(out / "ball.nii.gz", truth.astype(np.uint8)))
+    elif column == "image":
+        row["image"] = str(write_nifti(out / "ball.nii.gz", data))
+    elif column == "prompts":
+        (out / "ball.json").write_text('{"prompts": {"boxes": [], "points": []}}')
+        row["prompts"] = str(out / "ball.json")
+    else:  # a BIDS sidecar beside an upper-case image: ball.NII.GZ + ball.json
+        row["image"] = str(write_nifti(out / "ball.NII.GZ", data))
+        (out / "ball.json").write_text('{"RepetitionTime": 2.0}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = _write_csv(tmp_path / "cohort.csv", [row])
+    code = main(["batch", str(manifest), "--out-dir", str(out), "--model", model, "--overwrite", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose an --out-dir that holds none of the manifest's files" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no report.csv either

@@ -53,6 +53,7 @@ class Job:
     model_sha256: str
     backend: str = "auto"
     threads: int = 1
+    overwrite: bool = False  # replace files in out_dir that the batch did not write
 
 
 @dataclass
@@ -138,6 +139,8 @@ def _segment_case(spec: CaseSpec, job: Job) -> CaseResult:
     from .provenance import run_record
 
     out = Path(job.out_dir) / f"{spec.case}.nii.gz"
+    if not job.overwrite:
+        _check_ours(out)
     case = resolve_case(spec)
     input_sha256 = _file_sha256(spec.image)
     key = case_key(input_sha256, job.model_sha256, case)
@@ -176,14 +179,32 @@ def finished_record(out: Path, key: str) -> dict | None:
     from .io import sidecar_path_for
 
     sidecar = sidecar_path_for(out)
-    if not (out.is_file() and sidecar.is_file()):
+    if not out.is_file():
         return None
+    record = _batch_record(sidecar)
+    return record if record is not None and record["batch"]["key"] == key else None
+
+
+def _batch_record(sidecar: Path) -> dict | None:
+    """A sidecar written by a batch (its `batch` entry holds a key), else None."""
     try:
-        record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+        record = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    except (OSError, ValueError, RecursionError):
         return None
     batch = record.get("batch") if isinstance(record, dict) else None
-    return record if isinstance(batch, dict) and batch.get("key") == key else None
+    return record if isinstance(batch, dict) and isinstance(batch.get("key"), str) else None
+
+
+def _check_ours(out: Path) -> None:
+    """Refuse to replace a label map or sidecar that a batch did not write (its sidecar's key
+    marks a batch's own output): the user's files may share a case's name."""
+    from .io import sidecar_path_for
+
+    sidecar = sidecar_path_for(out)
+    if not (out.exists() or sidecar.exists()) or _batch_record(sidecar) is not None:
+        return
+    raise InputError(f"{out.parent / out.name} or {sidecar.name} exists and was not written by sam2unet batch; "
+                     f"pass --overwrite to replace it or choose another --out-dir")
 
 
 def _file_sha256(path: Path) -> str:
@@ -342,22 +363,26 @@ def run_batch(
     scheduler: str | None = None,
     client=None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> BatchReport:
     """Segment every case of a manifest; write DIR/report.csv; return the report.
 
     Runs on `client` when given, else on the scheduler at `scheduler`, else on a LocalCluster
-    sized to this machine. Raises Cancelled on Ctrl-C after writing the report of what finished.
+    sized to this machine. Files in `out_dir` that a batch did not write are replaced only with
+    `overwrite`; a manifest's own inputs never are. Raises Cancelled on Ctrl-C after writing
+    the report of what finished.
     """
     from .models import find_model
 
     began = time.perf_counter()
     cases = read_manifest(manifest)
     out = _out_dir(out_dir)
+    _check_outputs_are_not_inputs(cases, out)
     card = find_model(model)
     remote = client is not None or scheduler is not None
     workers, threads = (0, threads_per_worker or 1) if remote else plan_workers(
         workers, threads_per_worker, os.cpu_count() or 1, len(cases))
-    job = Job(str(out), str(card.card_path or card.file), model_sha256(card), backend, threads)
+    job = Job(str(out), str(card.card_path or card.file), model_sha256(card), backend, threads, overwrite)
     _distributed()  # say what to install before anything starts
     results: dict[str, CaseResult] = {}
     try:
@@ -381,6 +406,40 @@ def _out_dir(path: str | os.PathLike) -> Path:
         raise InputError(f"the folder {out.parent} does not exist; create it first")
     out.mkdir(exist_ok=True)
     return out
+
+
+def _check_outputs_are_not_inputs(cases: list[CaseSpec], out: Path) -> None:
+    """Refuse a batch that would write over one of its own inputs (an image, a reference, a prompts
+    file), even with --overwrite: it would score, or take boxes from, its own output."""
+    from .io import sidecar_path_for
+    from .manifest import PATH_COLUMNS
+
+    inputs = {}
+    for spec in cases:
+        for column in PATH_COLUMNS:
+            path = spec.image if column == "image" else spec.path(column)
+            if path is not None:
+                inputs[_identity(path)] = (spec.case, column, path)
+        image_json = sidecar_path_for(spec.image)  # a BIDS / dcm2niix sidecar, whatever the case of .NII.GZ
+        if image_json.exists():
+            inputs[_identity(image_json)] = (spec.case, "image's JSON", image_json)
+    for spec in cases:
+        target = out / f"{spec.case}.nii.gz"
+        for path in (target, sidecar_path_for(target)):
+            found = inputs.get(_identity(path))
+            if found:
+                raise InputError(f"case {spec.case}'s output {path} is case {found[0]}'s {found[1]} "
+                                 f"({found[2]}); choose an --out-dir that holds none of the manifest's files")
+
+
+def _identity(path: Path) -> tuple:
+    """The same file however it is named: its inode when it exists (links, case-insensitive
+    names), else its resolved path."""
+    try:
+        stat = path.stat()
+        return (stat.st_dev, stat.st_ino)
+    except OSError:
+        return (str(path.resolve()),)
 
 
 def _finish(cases, results, out: Path, began: float, workers: int, threads: int) -> BatchReport:
@@ -434,6 +493,9 @@ def add_batch_parser(commands) -> None:
                        help="CPU threads each worker's model uses (default: cores / workers; 1 on a --scheduler)")
     batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, instead of a local cluster")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="replace files in --out-dir named like a case's output that no batch wrote "
+                            "(never the manifest's own inputs)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     batch.set_defaults(func=run_batch_command)
 
@@ -445,7 +507,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     with _progress_bar(args.quiet) as progress:
         report = run_batch(args.manifest, args.out_dir, model=args.model, backend=args.backend,
                            workers=args.workers, threads_per_worker=args.threads_per_worker,
-                           scheduler=args.scheduler, progress=progress)
+                           scheduler=args.scheduler, progress=progress, overwrite=args.overwrite)
     if not args.quiet:
         for row in report.failed:
             print(f"failed: {row.case}: {row.reason}", file=sys.stderr)

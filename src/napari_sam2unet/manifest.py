@@ -24,7 +24,7 @@ from .prompts import Box, Point, Prompts, parse_box, parse_point
 
 COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "name", "scope", "axis",
            "window", "threshold", "reference", "volume_index", "replace_nonfinite")
-_PATH_COLUMNS = ("image", "prompts", "boxes_from", "reference")
+PATH_COLUMNS = ("image", "prompts", "boxes_from", "reference")
 # Case names become file names in the output folder.
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Boxes taken from a label map: the structure's box on each slice grown by 10%, the "tight"
@@ -141,7 +141,7 @@ def _case(row: dict[str, Any], number: int, base: Path) -> CaseSpec:
     values = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if v not in (None, "", [])}
     if "image" not in values:
         raise InputError(f"manifest row {number} has no image; fill in its image column")
-    for column in _PATH_COLUMNS:
+    for column in PATH_COLUMNS:
         if column in values:
             values[column] = str((base / str(values[column])).expanduser().resolve())
     image = Path(values.pop("image"))
