@@ -31,8 +31,9 @@ MIN_CROP_CHOICES = (12, 16, 24)
 # loosely framed crop. The training loop adds rounds of clicks on the model's own errors.
 PROMPT_MODES = ("box", "propagate", "correct", "clicks")
 PROMPT_MODE_SHARES = (0.25, 0.3, 0.25, 0.2)
-# Share of propagation crops one slice past the structure's end: the model learns to stop.
-PAST_END_SHARE = 0.12
+# Share of propagation crops past the structure's end: the model learns to stop. 0.12 left
+# propagation running to the volume's edge on validation at step 500 (the prior was copied).
+PAST_END_SHARE = 0.3
 
 
 def jitter_box(rng, box, shape) -> tuple[float, float, float, float]:
@@ -169,12 +170,14 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
 
 def _propagation_pair(rng, slices, k: int, depth: int) -> tuple[int, int | None]:
     """(target slice, prior slice) for a propagation crop: the prior 1-3 slices away, or, now
-    and then, the structure's last slice with the target one past it (where it has ended)."""
+    and then, a prior on or near the structure's last slice with the target 1-2 slices past it,
+    where it has ended: propagation must learn to stop, not to copy its prior."""
     if rng.random() < PAST_END_SHARE:
         first, last = min(slices), max(slices)
         edge, step = (first, -1) if rng.random() < 0.5 else (last, 1)
-        if 0 <= edge + step < depth:
-            return edge + step, edge
+        target, prior = edge + step * int(rng.integers(1, 3)), edge - step * int(rng.integers(0, 2))
+        if 0 <= target < depth and prior in slices:
+            return target, prior
     neighbour = k + int(rng.choice([-3, -2, -1, 1, 2, 3], p=[0.1, 0.2, 0.2, 0.2, 0.2, 0.1]))
     return k, neighbour if 0 <= neighbour < depth else None
 
