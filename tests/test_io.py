@@ -195,6 +195,18 @@ def test_the_inputs_own_bids_json_is_never_replaced_even_with_overwrite(tmp_path
     assert json.loads(bids.read_text()) == {"RepetitionTime": 2.5}
 
 
+def test_the_bids_json_of_an_upper_case_input_is_kept(tmp_path):
+    # issue 25: sub-01_T1w.NII.GZ + sub-01_T1w.json, --out sub-01_T1w.nii.gz --overwrite replaced the JSON
+    volume = _small_volume(tmp_path, "sub-01_T1w.NII.GZ")
+    bids = tmp_path / "sub-01_T1w.json"
+    bids.write_text('{"RepetitionTime": 2.5}')
+    with pytest.raises(InputError, match="would also describe sub-01_T1w.NII.GZ"):
+        write_labels(tmp_path / "sub-01_T1w.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"m": 1},
+                     overwrite=True)
+    assert json.loads(bids.read_text()) == {"RepetitionTime": 2.5}
+    assert _names(tmp_path) == ["sub-01_T1w.NII.GZ", "sub-01_T1w.json"]
+
+
 def test_pair_nii_and_nii_gz_do_not_share_one_sidecar(tmp_path):
     volume = _small_volume(tmp_path)
     labels = np.ones((6, 5, 4), np.uint8)

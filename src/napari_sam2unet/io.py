@@ -93,9 +93,15 @@ def available_memory_bytes(meminfo: Path | None = None) -> int | None:
         return None
 
 
-def read_volume(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
-    """Read a .nii/.nii.gz file as a 3D float32 volume (2D: one slice; 4D: one volume)."""
+def read_volume(path: str | os.PathLike, volume_index: int | None = None, series: str | None = None) -> Volume:
+    """Read a .nii/.nii.gz file as a 3D float32 volume (2D: one slice; 4D: one volume), or a DICOM
+    series (a folder, DICOMDIR or file of it; `series`: its number or UID where there are several)."""
     path = Path(path)
+    if not is_nifti_path(path):
+        from .dicom import is_dicom_input, read_dicom
+
+        if is_dicom_input(path):
+            return read_dicom(path, series)
     _check_input_path(path)
     image = _load(path)
     shape = tuple(int(n) for n in image.shape)
@@ -300,14 +306,24 @@ def _check_sidecar_path(out: Path, overwrite: bool) -> None:
     sidecar = sidecar_path_for(out)
     if sidecar.is_dir():
         raise InputError(f"the sidecar path {sidecar} is a folder; choose another --out or pass --no-sidecar")
-    for suffix in (".nii", ".nii.gz"):
-        other = out.with_name(nifti_stem(out) + suffix)
-        if other.name != out.name and other.exists():
+    for other in _same_stem_images(out):
+        if other.name != out.name:
             raise InputError(f"the sidecar {sidecar.name} would also describe {other.name} (same name); "
                              f"choose another --out name or pass --no-sidecar")
     if sidecar.exists() and not overwrite:
         raise InputError(f"{sidecar} already exists; choose another --out, pass --overwrite to replace it, "
                          f"or --no-sidecar")
+
+
+def _same_stem_images(out: Path) -> list[Path]:
+    """NIfTI files beside `out` whose stem matches its own in any letter case (x.NII.GZ too): a
+    sidecar named after the stem would describe them on every file system."""
+    stem = nifti_stem(out).lower()
+    try:
+        names = os.listdir(out.parent)
+    except OSError:  # a missing folder is reported by the caller
+        return []
+    return [out.with_name(name) for name in names if is_nifti_path(name) and nifti_stem(Path(name)).lower() == stem]
 
 
 def _check_writable(folder: Path) -> None:
