@@ -16,6 +16,8 @@ if [ "$want_test" = 1 ]; then
     libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 libx11-xcb1 libxcb-cursor0 libxcb-icccm4 libxcb-image0
     libxcb-keysyms1 libxcb-randr0 libxcb-render0 libxcb-render-util0 libxcb-shape0 libxcb-util1
     libxcb-xfixes0 libxcb-xinerama0 libxcb-xkb1)
+  # dcm2niix: the reference converter the DICOM geometry tests compare against (tests/test_dicom.py).
+  apt_packages+=(dcm2niix)
 fi
 missing=()
 for package in "${apt_packages[@]}"; do

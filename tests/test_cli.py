@@ -173,7 +173,7 @@ def test_a_folder_as_output_or_input_is_named_a_folder(mr, tmp_path, capsys, bri
            "is a folder; give a file name ending in .nii.gz")
     (tmp_path / "dicom").mkdir()
     _fails(capsys, ["segment", str(tmp_path / "dicom"), "-o", str(tmp_path / "o.nii.gz"), *_model(brightness_card)],
-           "is a folder, not an image")
+           "holds no DICOM images")
 
 
 _CLI = [sys.executable, "-c", "import sys; from napari_sam2unet.cli import main; sys.exit(main())"]
