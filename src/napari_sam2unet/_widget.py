@@ -927,6 +927,9 @@ class SegmentWidget(Container):
         touched = {p.slice for p in changed}
         editable = self._editable() is not None and obj.axis == axis
         segmented = set(obj.result.slices) if editable else set()
+        if editable and obj.engine.prompted:
+            self._prompted_points(image, axis, touched, segmented)
+            return
         added = [p for p in changed if p in set(now)]
         # From the cache when the model already saw every new point; else the model, if allowed.
         cached = editable and touched <= segmented and all(obj.covers(p) for p in added)
@@ -936,6 +939,47 @@ class SegmentWidget(Container):
             self._auto_run()
         elif touched & segmented:
             self._refine(sorted(touched & segmented))
+
+    def _prompted_points(self, image, axis: int, touched: set, segmented: set):
+        """A model that sees clicks: a segmented slice looks again with its mask as the prior (one
+        call); a slice without a mask yet is segmented from its prompts, as a new prompt is."""
+        if touched & segmented:
+            self._correct(sorted(touched & segmented))
+        if self.auto_run.value and current_slice(self.viewer, image, axis) in touched - segmented:
+            self._auto_run()
+
+    def _correct(self, slices: list[int]):
+        """One undo step: each slice corrected by the object's engine from the points drawn now."""
+        obj = self._editable()
+        if obj is None:
+            return
+        self._close_edit()  # a threshold drag in flight is its own step
+        points, _ = self._prompt_layers(obj.image)
+        step = Step("correct", obj.layer, obj.axis, obj=obj, state_before=obj.state())
+        began = time.perf_counter()
+        try:
+            prompts = Prompts(list(obj.prompts.boxes), layer_prompts(obj.image, points, None, obj.axis).points)
+            for k in slices:
+                obj.engine.correct(obj.result, k, prompts, float(self.threshold.value))
+        except Sam2UnetError as error:
+            obj.restore(step.state_before)
+            self._say(str(error), error)
+            return
+        obj.prompts = prompts
+        self._write(obj, step, {k: obj.result.slices[k].mask for k in slices})
+        step.close()
+        step.state_after = obj.state()
+        card = obj.engine.card
+        step.record = edit_record("correct", obj.label, threshold=obj.result.threshold, slices=slices,
+                                  points=prompts_record(prompts)["points"],
+                                  model={"name": card.name, "file": str(card.file), "sha256": card.sha256},
+                                  voxels_written=step.voxels(obj.label))
+        self.session.history.push(step)
+        self._record(step.layer)
+        self._update_history_buttons()
+        ms = (time.perf_counter() - began) * 1000
+        self._set_status(f"corrected slice{'s' if len(slices) > 1 else ''} "
+                         f"{', '.join(map(str, slices))} in {ms:.0f} ms (one model call each)")
 
     def _on_boxes_changed(self, event=None):
         if self._quiet or not self.auto_run.value:
