@@ -1,6 +1,7 @@
 """NIfTI reading and writing: geometry survives, bad files get clear messages, nothing is lost."""
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -213,7 +214,7 @@ def test_pair_nii_and_nii_gz_do_not_share_one_sidecar(tmp_path):
     write_labels(tmp_path / "pair.nii", labels, volume, sidecar={"run": "first"})
     with pytest.raises(InputError, match="would also describe pair.nii"):
         write_labels(tmp_path / "pair.nii.gz", labels, volume, sidecar={"run": "second"}, overwrite=True)
-    assert json.loads((tmp_path / "pair.json").read_text()) == {"run": "first"}
+    assert json.loads((tmp_path / "pair.json").read_text())["run"] == "first"
     assert not (tmp_path / "pair.nii.gz").exists()
 
 
@@ -328,3 +329,100 @@ def test_the_memory_guard_reads_available_memory_not_free_memory(tmp_path, monke
     meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 6000000 kB\nMemAvailable: 1000 kB\n")
     with pytest.raises(InputError, match="only 0.0 GiB is available; crop or resample it first"):
         read_volume(path)
+
+
+# --- issue 25: --overwrite publishes the label map and its sidecar as a pair -------------------
+
+
+def _pair_matches(out) -> bool:
+    """The sidecar names the map beside it: its file name and sha256."""
+    record = json.loads(io.sidecar_path_for(out).read_text())
+    return record["output"] == {"file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+
+
+def test_the_sidecar_names_the_label_maps_sha256(tmp_path):
+    volume = _small_volume(tmp_path)
+    out = write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"run": 1})
+    assert _pair_matches(out)
+
+
+def test_a_failure_between_the_two_publishes_puts_the_old_pair_back(tmp_path, monkeypatch):
+    volume = _small_volume(tmp_path)
+    out = write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"run": "old"})
+    old = {name: (tmp_path / name).read_bytes() for name in ("seg.nii.gz", "seg.json")}
+    real_publish = io._publish
+
+    def stop_after_the_map(tmp, target, overwrite):
+        real_publish(tmp, target, overwrite)
+        raise KeyboardInterrupt  # as a signal where it cannot be deferred (not the main thread)
+
+    monkeypatch.setattr(io, "_publish", stop_after_the_map)
+    with pytest.raises(KeyboardInterrupt):
+        write_labels(out, np.zeros((6, 5, 4), np.uint8), volume, sidecar={"run": "new"}, overwrite=True)
+    assert {name: (tmp_path / name).read_bytes() for name in ("seg.nii.gz", "seg.json")} == old
+    assert _names(tmp_path) == ["img.nii.gz", "seg.json", "seg.nii.gz"]  # nothing set aside is left
+
+
+def test_sigterm_between_the_two_publishes_waits_and_the_message_says_what_is_on_disk(tmp_path, monkeypatch,
+                                                                                      capsys, brightness_card):
+    import signal
+
+    from napari_sam2unet.cli import main
+
+    source = write_nifti(tmp_path / "img.nii.gz", np.random.rand(40, 40, 4).astype(np.float32))
+    out = tmp_path / "seg.nii.gz"
+    args = ["segment", str(source), "--out", str(out), "--box", "1:5,5,30,30", "--model",
+            str(brightness_card.card_path), "--quiet"]
+    assert main(args) == 0
+    real_publish = io._publish
+
+    def terminated_after_the_map(tmp, target, overwrite):
+        real_publish(tmp, target, overwrite)
+        if target == out:
+            signal.raise_signal(signal.SIGTERM)  # between the map and its sidecar
+
+    monkeypatch.setattr(io, "_publish", terminated_after_the_map)
+    capsys.readouterr()
+    assert main([*args, "--overwrite", "--threshold", "0.9"]) == 0  # the output was complete before it stopped
+    err = capsys.readouterr().err
+    assert f"terminated after writing {out} and {tmp_path / 'seg.json'}, which are complete" in err
+    record = json.loads((tmp_path / "seg.json").read_text())
+    assert record["threshold"] == 0.9 and _pair_matches(out)
+    # a signal before anything is published: old pair kept, 143 and the message says so
+    monkeypatch.setattr(io, "_publish", real_publish)
+    monkeypatch.setattr(io.nib, "save", lambda *a: signal.raise_signal(signal.SIGTERM))
+    assert main([*args, "--overwrite", "--threshold", "0.7"]) == 143
+    assert "terminated; nothing was written (existing files were kept)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "seg.json").read_text())["threshold"] == 0.9 and _pair_matches(out)
+
+
+_OVERWRITER = """
+import sys, numpy as np
+from napari_sam2unet.io import read_volume, write_labels
+volume = read_volume(sys.argv[1])
+for round in range(int(sys.argv[3])):
+    labels = np.full(volume.data.shape, int(sys.argv[4]), np.uint8)
+    write_labels(sys.argv[2], labels, volume, sidecar={"writer": sys.argv[4], "round": round}, overwrite=True)
+"""
+
+
+def test_concurrent_overwrites_never_leave_one_runs_map_beside_anothers_sidecar(tmp_path):
+    source = write_nifti(tmp_path / "img.nii.gz", np.random.rand(32, 32, 16).astype(np.float32))
+    out = tmp_path / "seg.nii.gz"
+    runs = [subprocess.Popen([sys.executable, "-c", _OVERWRITER, str(source), str(out), "15", str(writer)])
+            for writer in (1, 2, 3)]
+    seen = 0
+    while any(run.poll() is None for run in runs):  # a reader that looks while they write
+        try:
+            before, labels, after = (tmp_path / "seg.json").read_text(), out.read_bytes(), \
+                (tmp_path / "seg.json").read_text()
+        except FileNotFoundError:  # a moment without a pair: allowed, a mixed pair is not
+            continue
+        if before == after:
+            seen += 1
+            assert json.loads(after)["output"]["sha256"] == hashlib.sha256(labels).hexdigest()
+    assert [run.wait() for run in runs] == [0, 0, 0]
+    assert _pair_matches(out) and seen
+    writer = json.loads((tmp_path / "seg.json").read_text())["writer"]
+    assert np.all(np.asarray(nib.load(str(out)).dataobj) == int(writer))
+    assert _names(tmp_path) == ["img.nii.gz", "seg.json", "seg.nii.gz"]

@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     # Recorded in the model cards that `train` writes, so a model says how it was made.
     args.command_line = shlex.join(["sam2unet", *(sys.argv[1:] if argv is None else argv)])
     previous = _install_sigterm()
+    before = len(_published())
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line, not a file name and a source line
@@ -280,17 +281,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sam2unet: {error}", file=sys.stderr)
         return 130
     except Terminated:
-        print("sam2unet: terminated; nothing was written", file=sys.stderr)
-        return 143
+        return _stopped("terminated", 143, _published()[before:])
     except KeyboardInterrupt:
-        print("sam2unet: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _stopped("interrupted", 130, _published()[before:])
     except Sam2UnetError as error:
         print(f"sam2unet: error: {error}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _published() -> list[Path]:
+    """The files this process published (io keeps the list; not imported means none)."""
+    io = sys.modules.get("napari_sam2unet.io")
+    return io.published_files() if io else []
+
+
+def _stopped(what: str, code: int, written: list[Path]) -> int:
+    """The message and exit code of a stopped command say what is on disk: 0 when its output was
+    complete before the signal came (files are published whole or not at all), else `code`."""
+    if written:
+        names = " and ".join(str(path) for path in written)
+        print(f"sam2unet: {what} after writing {names}, which are complete", file=sys.stderr)
+        return 0
+    print(f"sam2unet: {what}; nothing was written (existing files were kept)", file=sys.stderr)
+    return code
 
 
 def _install_sigterm():

@@ -9,12 +9,16 @@ replaced without `overwrite`, not even by a second run racing this one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,10 +422,29 @@ def write_labels(
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     files = [(path, suffix, lambda tmp: nib.save(image, tmp))]
     if sidecar is not None:
-        text = sidecar_text(sidecar)
-        files.append((sidecar_path_for(path), ".json", lambda tmp: Path(tmp).write_text(text)))
+        files.append(sidecar_entry(path, sidecar))
     write_all_or_nothing(files, overwrite)
     return path
+
+
+class SidecarWriter:
+    """Writes a sidecar that names its label map's file and sha256, hashed from the map's
+    temporary file: a reader can check that a map and a sidecar belong together."""
+
+    def __init__(self, record: dict[str, Any], labels_path: Path):
+        self.record, self.labels_path = record, labels_path
+        sidecar_text(record)  # a record that is not JSON fails now, before the map is written
+
+    def __call__(self, tmp: str, labels_tmp: str) -> None:
+        with open(labels_tmp, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        output = {"file": self.labels_path.name, "sha256": digest}
+        Path(tmp).write_text(sidecar_text({**self.record, "output": output}))
+
+
+def sidecar_entry(path: Path, record: dict[str, Any]) -> tuple[Path, str, SidecarWriter]:
+    """The sidecar's (path, suffix, write) for write_all_or_nothing, after its label map's entry."""
+    return sidecar_path_for(path), ".json", SidecarWriter(record, path)
 
 
 def write_all_or_nothing(files: list[tuple[Path, str, Any]], overwrite: bool = False) -> None:
@@ -430,29 +453,96 @@ def write_all_or_nothing(files: list[tuple[Path, str, Any]], overwrite: bool = F
     Disk full, a signal or a crash while writing leaves the targets as they were and no
     temporary file behind. Without `overwrite` a target is published with a hard link, which
     fails if the file appeared meanwhile (another run): nothing is ever replaced silently.
+    A SidecarWriter is called with the first file's temporary file too (it names its hash).
     """
     temps: list[str] = []
-    published: list[Path] = []
     current = files[0][0]
     try:
         for current, suffix, write in files:
             temps.append(_temp_file(current, suffix))
-            write(temps[-1])
+            if isinstance(write, SidecarWriter):
+                write(temps[-1], temps[0])
+            else:
+                write(temps[-1])
             os.chmod(temps[-1], _new_file_mode(current))
-        for (current, _, _), tmp in zip(files, temps):
-            _publish(tmp, current, overwrite)
-            published.append(current)
-    except BaseException as error:
-        if not overwrite:  # files this call created: take them back, so it is both or neither
-            for target in published:
-                target.unlink(missing_ok=True)
-            published = []
-        if isinstance(error, OSError):
-            raise InputError(_write_error_text(current, error, published)) from None
-        raise
+        with _folder_lock(files[0][0].parent), _signals_deferred():
+            _publish_all([target for target, _, _ in files], temps, overwrite)
+    except OSError as error:
+        raise InputError(_write_error_text(current, error, [])) from None
     finally:
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
+
+
+# Every file this process published, in order: an interrupted command says what it left on disk.
+_published: list[Path] = []
+
+
+def published_files() -> list[Path]:
+    return list(_published)
+
+
+def _publish_all(targets: list[Path], temps: list[str], overwrite: bool) -> None:
+    """Publish the files in order (the sidecar last). With `overwrite` the old files are moved
+    aside first and put back if anything fails: a reader sees the old set or the new one (or,
+    for a moment, part of it), never old and new files mixed."""
+    aside: list[tuple[str, Path]] = []
+    published: list[Path] = []
+    try:
+        for target in reversed(targets) if overwrite else ():  # the old sidecar goes first
+            if os.path.lexists(target):
+                aside.append((_temp_file(target, ".old"), target))
+                os.replace(target, aside[-1][0])
+        for target, tmp in zip(targets, temps):
+            _publish(tmp, target, overwrite)
+            published.append(target)
+    except BaseException:
+        for target in published:  # files this call created: take them back, so it is both or neither
+            target.unlink(missing_ok=True)
+        for hidden, target in aside:
+            os.replace(hidden, target)
+        raise
+    for hidden, _ in aside:
+        Path(hidden).unlink(missing_ok=True)
+    _published.extend(targets)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Writers into one folder publish one at a time (an flock on the folder): concurrent
+    --overwrite runs never leave one run's map beside another's sidecar."""
+    try:
+        import fcntl
+
+        handle = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here (Windows): publishing still moves the old set aside
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: as above
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait until publishing (a few renames) is done: a run stops before the
+    files are in place or after, never between them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are handled in the main thread only
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)  # now handled as it would have been
 
 
 def _temp_file(target: Path, suffix: str) -> str:
