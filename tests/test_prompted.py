@@ -283,3 +283,18 @@ def test_npu_calibration_inputs_carry_prompts_as_the_engine_draws_them(tmp_path,
     clicks = np.abs(read_clicks(inputs, SPEC)).max((1, 2))
     assert (priors < 1e-4).sum() == 3 and (priors > 0.5).sum() == 6  # a box alone, then a prior
     assert (clicks > 0.5).sum() == 3  # the corrections' clicks
+
+
+def test_propagation_stops_where_only_the_prior_still_shows_the_structure(prompted_card):
+    data, truth = sphere_volume(shape=(48, 40, 14), centre=(24, 20, 2), radius=6.0)  # slices 0-8
+    faint = np.zeros_like(truth)
+    faint[16:33, 12:29, 7:14] = True  # from the ball's end on: a faint patch a prior alone could carry on
+    data = np.where(faint & ~truth, 420.0, data).astype(np.float32)  # 40% of the window
+    runs = {}
+    for check in (0.5, 0.0):
+        engine = Engine(CountingBackend(prompted_card))
+        engine.set_volume(data, (1.0, 1.0, 2.0))
+        engine.propagate_check = check
+        runs[check] = engine.segment(Prompts([Box(2, 16, 12, 33, 29)]), scope="propagate")
+    assert max(runs[0.0].slices) == 13  # without the check the prior walks into the faint patch
+    assert max(runs[0.5].slices) <= 9 and "image alone" in runs[0.5].stops[1]

@@ -44,6 +44,10 @@ MIN_PROPAGATE_PIXELS = 4
 PROPAGATE_GROWTH = 0.05
 PROPAGATE_MIN_OVERLAP = 0.8
 PROPAGATE_MAX_GROWTH = 1.3
+# A prompted model propagating from its neighbour's mask can copy that mask past the structure's
+# end. The same crop without the prior shows what the image alone supports: propagation stops
+# when less than this share of the mask is in that look (0 switches the check off).
+PROPAGATE_CHECK = 0.5
 # A positive point without a box: the model sees square crops of these sides (mm) around it and
 # the slice keeps the one chosen by CLICK_CHOICE ("stability": the mask that changes least when
 # the threshold moves by CLICK_STABILITY_DELTA, as SAM scores its masks; "border": the smallest
@@ -148,6 +152,7 @@ class Engine:
         self._data: np.ndarray | None = None
         self._volume_token = object()
         self.propagate_min_overlap = PROPAGATE_MIN_OVERLAP
+        self.propagate_check = PROPAGATE_CHECK
         self.click_sides_mm = CLICK_SIDES_MM
         self.click_choice = CLICK_CHOICE
         self.backend_calls = 0
@@ -484,9 +489,13 @@ class Engine:
                     if task is None:
                         result.stops[step] = f"vanished at slice {current}"
                         break
-                    self._run_tasks([task])
+                    check = replace(task, prior=None) if task.prior is not None and self.propagate_check else None
+                    self._run_tasks([task] + ([check] if check else []))
                     mask = self.postprocess(current, [task], prompts, threshold)
                     stop = propagation_stop(mask, previous, self.propagate_min_overlap)
+                    if check and not stop:
+                        stop = image_disagrees(mask, self.postprocess(current, [check], prompts, threshold),
+                                               self.propagate_check)
                     if stop:
                         result.stops[step] = f"{stop} at slice {current}"
                         break
@@ -713,6 +722,14 @@ def propagation_stop(mask: np.ndarray, previous: np.ndarray, min_overlap: float 
         return f"jumped to another structure (overlap {overlap:.2f} < {min_overlap:.2f})"
     if area > max_growth * before:
         return f"grew {area / max(1, before):.1f}x in one slice (leaking into a neighbour?)"
+    return None
+
+
+def image_disagrees(mask: np.ndarray, without_prior: np.ndarray, min_share: float) -> str | None:
+    """Why propagation stops when the image alone no longer shows the mask, or None."""
+    share = int(np.logical_and(mask, without_prior).sum()) / max(1, int(mask.sum()))
+    if share < min_share:
+        return f"the image alone shows {share:.0%} of the mask (< {min_share:.0%}): the structure ended?"
     return None
 
 
