@@ -104,3 +104,12 @@ def test_a_box_can_keep_only_the_structure_it_is_about_not_a_neighbour_leaking_i
     assert ring[12, 12] and not ring[3, 20]
     # a positive point still chooses any region it touches
     assert select_regions(probability, 0.5, box=box, positive=[(3, 20)], regions="centre")[3, 20]
+
+
+def test_a_box_one_voxel_wide_up_to_rounding_is_a_box():
+    # 7.96909 + 1 - 7.96909 is 0.9999999999999991 in floating point: eval's jittered boxes on
+    # one-voxel structures were refused as empty.
+    from napari_sam2unet.prompts import Box, Prompts
+
+    box = Box(10, 7.96909, 26.0103, 7.96909 + 1, 27.0661)
+    assert Prompts([box]).validate((40, 40, 20), 2).boxes == [box]

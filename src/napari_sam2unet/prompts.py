@@ -6,6 +6,7 @@ Boxes are half-open: rows [i0, i1), columns [j0, j1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import PromptError
@@ -58,9 +59,12 @@ class Prompts:
         rows, cols = (n for a, n in enumerate(shape) if a != axis)
         boxes = []
         for box in self.boxes:
+            if not all(math.isfinite(v) for v in box.rect):  # inf would be clipped to the edge, nan break later
+                raise PromptError(f"the box on slice {box.slice} ({_box_text(box)}) has coordinates that are not "
+                                  f"numbers: give voxel indices, not nan or inf")
             box = box.normalised()
             _check_slice(box.slice, depth, axis, "box")
-            if box.i1 - box.i0 < 1 or box.j1 - box.j0 < 1:
+            if box.i1 - box.i0 < 1 - 1e-6 or box.j1 - box.j0 < 1 - 1e-6:  # 1 voxel, to rounding
                 raise PromptError(
                     f"the box on slice {box.slice} is empty ({_box_text(box)}); draw it at least 1 voxel wide"
                 )
@@ -72,6 +76,9 @@ class Prompts:
             boxes.append(Box(box.slice, max(box.i0, 0), max(box.j0, 0), min(box.i1, rows), min(box.j1, cols)))
         for point in self.points:
             _check_slice(point.slice, depth, axis, "point")
+            if not (math.isfinite(point.i) and math.isfinite(point.j)):
+                raise PromptError(f"the point ({point.i:g}, {point.j:g}) on slice {point.slice} has coordinates "
+                                  f"that are not numbers: give voxel indices, not nan or inf")
             if not (0 <= point.i < rows and 0 <= point.j < cols):
                 raise PromptError(
                     f"the point ({point.i:g}, {point.j:g}) on slice {point.slice} lies outside the slice "
