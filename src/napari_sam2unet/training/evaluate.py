@@ -411,7 +411,9 @@ def update_card(model: str | None, report: dict, scans) -> Path:
     names = list(report["methods"])
     own = next(n for n in names if n == card.name or n.startswith(card.name + " ("))
     data.setdefault("metrics", {})["held_out_test"] = {
-        "what": "box-steered 3D Dice per structure (boxes from the reference outline on every axial slice)",
+        "what": "3D Dice per structure, mean over structures, by protocol: boxes from the reference outline "
+                "(tight, jittered, interpolated, propagated), boxes then 3 rounds of corrective clicks (corrected), "
+                "one click per slice (clicks) or on one slice, propagated (click_propagated)",
         "scans": [_scan_name(scan) for scan in scans],
         "cases": len(report["cases"]),
         "min_voxels": int(min(c["voxels"] for c in report["cases"])) if report["cases"] else None,

@@ -500,6 +500,19 @@ PROMPT_CARD = {
 }
 
 
+def simulated_users(args) -> str:
+    """How a prompted model's training crops prompt it, for the card (data.py, click_rounds)."""
+    from .data import PAST_END_SHARE, PROMPT_MODE_SHARES, PROMPT_MODES
+
+    shares = ", ".join(f"{mode} {share:.0%}" for mode, share in zip(PROMPT_MODES, PROMPT_MODE_SHARES))
+    return (f"crops by prompt: {shares}. box: a jittered box alone; propagate: the box of a slice 1-3 away and "
+            f"its mask (shifted, grown or shrunk) as the prior, {PAST_END_SHARE:.0%} of them past the structure's "
+            "end (the target empty); correct: a flawed prior (eroded, dilated, cut, leaking, smoothed) and 0-3 "
+            "clicks on its errors; clicks: 1-3 positive and 0-2 negative clicks near the structure in a loose "
+            f"crop. Then {args.click_share:.0%} of batches get 1-{args.click_rounds} rounds of a click on the "
+            "model's own largest error with its mask as the prior, as users correct")
+
+
 def card_extra(args, best_state, trained_steps: int | None = None) -> dict:
     """What the card says about the model's input and training (metrics are added by eval)."""
     splits = training_cases(args)
@@ -527,6 +540,7 @@ def card_extra(args, best_state, trained_steps: int | None = None) -> dict:
             + (f" + {args.distill_weight} x BCE against the teacher's probabilities" if args.teacher else ""),
             **({"teacher": str(args.teacher)} if args.teacher else {}),
             **({"initialised_from": str(args.init)} if getattr(args, "init", None) else {}),
+            **({"simulated_users": simulated_users(args)} if args.channels == PROMPTED else {}),
             "ema_decay": args.ema,
             **({"trained_on": best_state["trained_on"]} if best_state.get("trained_on") else {}),
         },
