@@ -31,6 +31,10 @@ LayerData = tuple[np.ndarray, dict[str, Any], str]
 def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
     """npe2 reader hook: our reader for NIfTI paths, None for anything else."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if len(paths) == 1 and not is_nifti_path(paths[0]):
+        from .dicom import is_dicom_input
+
+        return read_dicom_layers if is_dicom_input(paths[0]) else None
     if not paths or not all(is_nifti_path(p) for p in paths):
         return None
     return read_nifti
@@ -40,6 +44,19 @@ def read_nifti(path: PathOrPaths) -> list[LayerData]:
     """Read NIfTI files as napari layer data (image, or labels for label maps)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     return [volume_layer_data(read_volume(p)) for p in paths]
+
+
+def read_dicom_layers(path: PathOrPaths) -> list[LayerData]:
+    """A DICOM folder, DICOMDIR or file: one image layer per series found."""
+    from .dicom import find_series, read_dicom
+
+    where = Path(path if isinstance(path, (str, os.PathLike)) else path[0])
+    layers = []
+    for series in find_series(where):
+        data, kwargs, kind = volume_layer_data(read_dicom(where, series.uid))
+        kwargs["name"] = f"{where.name} series {series.number or series.uid}"
+        layers.append((data, kwargs, kind))
+    return layers
 
 
 def geometry_metadata(volume: Volume) -> dict[str, Any]:
@@ -53,6 +70,9 @@ def geometry_metadata(volume: Volume) -> dict[str, Any]:
         "shape": tuple(volume.data.shape),
         "source_shape": tuple(volume.source_shape),
         "notes": list(volume.notes),
+        # DICOM input: the acquired frames a DICOM-SEG references (carried with the geometry).
+        **({"dicom": {"frames": list(volume.frames), "series_uid": volume.series_uid}}
+           if getattr(volume, "frames", None) else {}),
     }
 
 

@@ -37,6 +37,32 @@ def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
     return [str(written)]
 
 
+def write_dicom_seg_layer(path: str, data: Any, meta: dict) -> list[str]:
+    """npe2 writer hook: a Labels layer of a DICOM series as DICOM-SEG referencing that series."""
+    return [str(_write_segmentation(Path(path), data, meta))]
+
+
+def write_seg_nrrd_layer(path: str, data: Any, meta: dict) -> list[str]:
+    """npe2 writer hook: a Labels layer as a 3D Slicer .seg.nrrd with its segment names and colours."""
+    out = Path(path)
+    if not out.name.lower().endswith(".seg.nrrd"):
+        out = out.with_name(out.name.removesuffix(".nrrd") + ".seg.nrrd")
+    return [str(_write_segmentation(out, data, meta))]
+
+
+def _write_segmentation(out: Path, data: Any, meta: dict) -> Path:
+    from .seg_formats import last_model, layer_volume, write_segmentation
+
+    labels = np.asarray(data)
+    if labels.ndim != 3:
+        raise InputError(f"this writer saves 3D label layers; the layer has shape {labels.shape}")
+    volume, note = like_volume(labels.shape, meta)
+    volume = layer_volume(volume, meta)
+    runs = (meta.get("metadata") or {}).get(RUNS_KEY, [])
+    return write_segmentation(out, labels, volume, sidecar=sidecar(meta, volume, note), overwrite=True,
+                              table=label_table(labels, meta), algorithm=last_model(runs))
+
+
 def label_table(labels: np.ndarray, meta: dict) -> dict:
     """{label: (name, rgb)} for every label in the map: the layer's names and colours, else defaults."""
     metadata = meta.get("metadata") or {}

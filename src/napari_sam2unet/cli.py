@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-sam2unet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    seg = commands.add_parser("segment", help="segment a NIfTI volume and write a NIfTI label map")
-    seg.add_argument("image", type=Path, help="input .nii or .nii.gz")
-    seg.add_argument("--out", "-o", type=Path, required=True, help="output label map (.nii.gz)")
+    seg = commands.add_parser("segment", help="segment a NIfTI volume or DICOM series and write its label map")
+    seg.add_argument("image", type=Path, help="input .nii or .nii.gz, or a DICOM series (folder, DICOMDIR)")
+    seg.add_argument("--out", "-o", type=Path, required=True,
+                     help="output label map: .nii.gz, .dcm (DICOM-SEG of a DICOM input) or .seg.nrrd (3D Slicer)")
+    seg.add_argument("--series", default=None, help="DICOM: which series (number or UID) where a folder holds several")
     seg.add_argument("--box", action="append", default=[], metavar="K:I0,J0,I1,J1",
                      help="box on slice K: rows [I0, I1), columns [J0, J1) of the other two axes; repeat for more")
     seg.add_argument("--point", action="append", default=[], metavar="K:I,J[:neg]",
@@ -88,9 +90,10 @@ def _has_module(name: str) -> bool:
 def run_segment(args: argparse.Namespace) -> int:
     from .backends import open_backend
     from .engine import Engine
-    from .io import check_output_path, read_volume, write_labels
+    from .io import read_volume
     from .models import find_model
     from .prompts import Prompts, parse_box, parse_point
+    from .seg_formats import check_output, write_segmentation
 
     if not 0 < args.label <= 65535:
         raise Sam2UnetError(f"--label {args.label} is out of range; use 1 to 65535")
@@ -99,10 +102,10 @@ def run_segment(args: argparse.Namespace) -> int:
     _check_threads(args.threads)
     prompts = Prompts([parse_box(b) for b in args.box], [parse_point(p) for p in args.point])
     _check_finite_prompts(args.box, prompts.boxes, args.point, prompts.points)
-    volume = read_volume(args.image, args.volume_index)
+    volume = read_volume(args.image, args.volume_index, series=args.series)
     prior = _read_prior(args, volume, prompts)
     # Fail before minutes of work, not after: existing files, the sidecar, a folder we cannot write.
-    check_output_path(args.out, volume, args.overwrite, sidecar=not args.no_sidecar)
+    check_output(args.out, volume, args.overwrite, sidecar=not args.no_sidecar)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     for note in volume.notes:
         say(f"note: {note}")
@@ -118,7 +121,8 @@ def run_segment(args: argparse.Namespace) -> int:
             result = _correct_prior(engine, prior, prompts, args.threshold)
     labels = result.labels(args.label)
     sidecar = None if args.no_sidecar else _provenance(args, card, backend, why, engine, result, prompts)
-    write_labels(args.out, labels, volume, sidecar, overwrite=args.overwrite)
+    write_segmentation(args.out, labels, volume, sidecar, overwrite=args.overwrite,
+                       algorithm=(card.name, card.sha256 or ""))
     voxels = int(result.mask.sum())
     model_share = 100 * result.backend_seconds / max(result.total_seconds, 1e-9)
     say(f"segmented {len(result.slices)} slices in {result.total_seconds:.2f} s "

@@ -36,8 +36,10 @@ _TILT_MM = 1e-2
 _ORIENTATION_TOLERANCE = 1e-4
 # Objects that are not images to segment: DICOM-SEG, RT structures, presentation states, reports.
 _NOT_IMAGES = ("1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481", "1.2.840.10008.5.1.4.1.1.11",
-               "1.2.840.10008.5.1.4.1.1.88")
+               "1.2.840.10008.5.1.4.1.1.88", "1.2.840.10008.5.1.4.1.1.104")
 _MEMORY_SHARE = 0.5
+# Media Storage Directory (DICOMDIR and vendors' index files such as Philips' DIRFILE).
+_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,20 @@ def _read_header(file: Path):
     except Exception as error:
         raise InputError(f"{file.name} in {file.parent} is a corrupt DICOM file ({_first_line(error)}); "
                          f"remove it or export the series again") from None
-    sop_class = str(dataset.get("SOPClassUID", ""))
-    if "Rows" not in dataset or "SeriesInstanceUID" not in dataset or sop_class.startswith(_NOT_IMAGES):
+    sop_class = str(dataset.get("SOPClassUID", "") or _meta(dataset, "MediaStorageSOPClassUID"))
+    if sop_class == _DIRECTORY or sop_class.startswith(_NOT_IMAGES):
         return None  # DICOMDIR-like indexes, reports, segmentations
+    if "Rows" not in dataset or "SeriesInstanceUID" not in dataset:
+        if "Rows" not in dataset and ("ImagePositionPatient" in dataset or _meta(dataset, "MediaStorageSOPClassUID")):
+            # an image's header that stops early: pydicom reads what is there without complaint
+            raise InputError(f"{file.name} in {file.parent} is a corrupt DICOM file (its header ends early); "
+                             f"remove it or export the series again")
+        return None
     return dataset
+
+
+def _meta(dataset, keyword: str) -> str:
+    return str(getattr(getattr(dataset, "file_meta", None), keyword, "") or "")
 
 
 def _new_series(dataset) -> Series:
@@ -485,7 +497,9 @@ def _resample(frames: list[Frame], grid: Grid) -> np.ndarray:
     def plane(k: int) -> np.ndarray:
         """Slice k shifted onto the output's in-plane grid (a translation: linear interpolation)."""
         move = frames[k].position - grid.origin
-        shift = (-(move @ first.col_dir) / dy, -(move @ first.row_dir) / dx)
+        shift = np.array([-(move @ first.col_dir) / dy, -(move @ first.row_dir) / dx])
+        whole = np.rint(shift)
+        shift = np.where(np.abs(shift - whole) < 1e-4, whole, shift)  # whole pixels copy exactly
         return ndimage.affine_transform(load(k), np.ones(2), offset=shift, output_shape=(rows, columns),
                                         order=1, mode="constant", cval=fill)
 
@@ -511,12 +525,19 @@ def labels_on_frames(labels: np.ndarray, volume: DicomVolume) -> np.ndarray:
         base = inverse[:3, :3] @ (_LPS_TO_RAS @ frame.position) + inverse[:3, 3]
         along_columns = inverse[:3, :3] @ (_LPS_TO_RAS @ (dx * frame.row_dir))
         along_rows = inverse[:3, :3] @ (_LPS_TO_RAS @ (dy * frame.col_dir))
-        j, i = np.mgrid[0:rows, 0:columns]
-        index = [np.rint(base[a] + i * along_columns[a] + j * along_rows[a]).astype(np.int64) for a in range(3)]
         inside = np.ones((rows, columns), bool)
-        for a in range(3):
-            inside &= (index[a] >= 0) & (index[a] < labels.shape[a])
-        out[k][inside] = labels[index[0][inside], index[1][inside], index[2][inside]]
+        index = []
+        for axis in range(3):
+            # Broadcast shapes: an index that varies along one image axis only stays one-dimensional.
+            steps = base[axis] + np.zeros((1, 1))
+            if abs(along_columns[axis]) > 1e-9:
+                steps = steps + np.arange(columns)[None, :] * along_columns[axis]
+            if abs(along_rows[axis]) > 1e-9:
+                steps = steps + np.arange(rows)[:, None] * along_rows[axis]
+            nearest = np.rint(steps).astype(np.intp)
+            inside &= (nearest >= 0) & (nearest < labels.shape[axis])
+            index.append(np.clip(nearest, 0, labels.shape[axis] - 1))
+        out[k] = np.where(inside, labels[tuple(index)], 0)
     return out
 
 

@@ -10,6 +10,7 @@ Each is written with its provenance sidecar, both or neither (io.write_all_or_no
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,27 @@ def full_table(labels: np.ndarray, table: Table | None) -> Table:
     return dict(sorted(table.items()))
 
 
+def layer_volume(volume: Volume, meta: dict) -> Volume:
+    """The writer's Volume of a napari layer, with the DICOM frames its geometry carries (if any)."""
+    from .dicom import DicomVolume
+    from .provenance import META_KEY
+
+    dicom = ((meta.get("metadata") or {}).get(META_KEY) or {}).get("dicom")
+    if not dicom:
+        return volume
+    return DicomVolume(volume.data, volume.affine, volume.header, volume.path, volume.source_shape,
+                       frames=list(dicom["frames"]), series_uid=dicom.get("series_uid", ""))
+
+
+def last_model(runs: list[dict]) -> tuple[str, str] | None:
+    """(name, sha256) of the model of the latest run that used one: the DICOM-SEG's algorithm."""
+    for run in reversed(runs or []):
+        model = run.get("model") if isinstance(run, dict) else None
+        if model and model.get("name"):
+            return str(model["name"]), str(model.get("sha256") or "")
+    return None
+
+
 def _is_dicom_volume(volume: Volume) -> bool:
     return bool(getattr(volume, "frames", None))
 
@@ -122,6 +144,10 @@ def dicom_seg(labels: np.ndarray, volume: Volume, table: Table, algorithm: tuple
 
     frames = volume.frames
     on_frames = labels_on_frames(labels, volume)
+    if labels.any() and not on_frames.any():
+        warnings.warn("the labelled voxels lie between the acquired images of this resampled series, so the "
+                      "DICOM-SEG holds no segment voxels; label more slices or write .nii.gz / .seg.nrrd",
+                      stacklevel=2)
     sources, order = _source_datasets(frames, pydicom)
     segments = np.zeros(on_frames.shape, dtype=np.uint16 if len(table) > 255 else np.uint8)
     descriptions = []
@@ -134,13 +160,19 @@ def dicom_seg(labels: np.ndarray, volume: Volume, table: Table, algorithm: tuple
             algorithm_identification=_algorithm(hd, codes, algorithm),
             display_color=hd.color.CIELabColor.from_rgb(*rgb), tracking_id=f"label {value}", tracking_uid=hd.UID()))
     first = sources[0]
+    with warnings.catch_warnings():  # highdicom judges the source's patient name: not ours to fix
+        warnings.filterwarnings("ignore", message=".*person name.*")
+        return _segmentation(hd, sources, segments[order], descriptions, first, algorithm)
+
+
+def _segmentation(hd, sources, pixels, descriptions, first, algorithm):
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=segments[order], segmentation_type="BINARY",
+        source_images=sources, pixel_array=pixels, segmentation_type="BINARY",
         segment_descriptions=descriptions, series_instance_uid=hd.UID(),
         series_number=_series_number(first), sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="napari-sam2unet", manufacturer_model_name=(algorithm[0] if algorithm else "manual")[:64],
         software_versions=__version__, device_serial_number="none", series_description="SAM2-UNet segmentation",
-        omit_empty_frames=bool(segments.any()))
+        omit_empty_frames=bool(pixels.any()))
 
 
 def _source_datasets(frames, pydicom) -> tuple[list, np.ndarray]:
