@@ -560,12 +560,7 @@ class Engine:
     def refine(self, result: SegmentationResult, prompts: Prompts, threshold: float | None = None,
                slices: list[int] | None = None) -> SegmentationResult:
         """Re-apply threshold and points to segmented slices from the cache: no model call."""
-        self._require_volume()
-        if result.key is not None and result.key != self.key:
-            raise InputError(
-                "this result was computed on another volume, slice axis or model than the engine holds now; "
-                "segment it again to edit it"
-            )
+        self._require_editable(result)
         prompts = prompts.validate(self.shape, self.axis)
         if threshold is not None:
             result.threshold = threshold
@@ -595,12 +590,7 @@ class Engine:
         the slice's current mask as the prior and every point on the slice as a click, so a click
         moves the boundary; other models re-apply the points to the cached probabilities. A slice
         without a mask yet is segmented from its prompts."""
-        self._require_volume()
-        if result.key is not None and result.key != self.key:
-            raise InputError(
-                "this result was computed on another volume, slice axis or model than the engine holds now; "
-                "segment it again to edit it"
-            )
+        self._require_editable(result)
         prompts = prompts.validate(self.shape, self.axis)
         threshold = result.threshold if threshold is None else threshold
         result.threshold = threshold
@@ -618,6 +608,15 @@ class Engine:
         self._run_tasks([task])
         result.slices[k] = SliceResult([task], self.postprocess(k, [task], prompts, threshold))
         return result
+
+    def _require_editable(self, result: SegmentationResult) -> None:
+        """A result can be edited only on the volume, axis and model its probabilities came from."""
+        self._require_volume()
+        if result.key is not None and result.key != self.key:
+            raise InputError(
+                "this result was computed on another volume, slice axis or model than the engine holds now; "
+                "segment it again to edit it"
+            )
 
     def _require_volume(self) -> None:
         if self._data is None:
