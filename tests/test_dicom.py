@@ -366,3 +366,49 @@ def test_a_compression_without_its_codec_names_the_package(shared_data, tmp_path
 def test_dicom_seg_of_a_nifti_input_is_refused(shared_data, tmp_path, capsys, brightness_card):
     _refused(capsys, tmp_path, shared_data / "totalseg" / "example_ct_sm.nii.gz", brightness_card,
              "a DICOM-SEG references the DICOM images it was made on, and example_ct_sm.nii.gz is not a DICOM series")
+
+
+# --- napari: reader and writer hooks ------------------------------------------------------------
+
+
+def _layer_meta(kwargs: dict, name: str = "labels") -> dict:
+    from napari_sam2unet.provenance import META_KEY
+
+    return {"name": name, "metadata": {META_KEY: kwargs["metadata"][META_KEY]}}
+
+
+def test_napari_hooks_open_a_folder_and_save_dicom_seg(shared_data, tmp_path):
+    from napari_sam2unet._reader import get_reader, read_dicom_layers
+    from napari_sam2unet._writer import write_dicom_seg_layer, write_seg_nrrd_layer
+
+    block = ct_block(shared_data)
+    write_series(tmp_path / "series", block)
+    assert get_reader(str(tmp_path / "series")) is read_dicom_layers
+    assert get_reader(str(tmp_path / "nothing.tif")) is None
+    ((data, kwargs, kind),) = read_dicom_layers(str(tmp_path / "series"))
+    assert kind == "image" and kwargs["name"] == "series series 7" and data.shape == (60, 50, 12)
+    labels = np.zeros(data.shape, np.uint8)
+    labels[10:30, 5:25, 3:7] = 2
+    (written,) = write_dicom_seg_layer(str(tmp_path / "out.dcm"), labels, _layer_meta(kwargs))
+    volume = read_volume(tmp_path / "series")
+    np.testing.assert_array_equal(read_dicom_seg(written, volume), np.transpose(labels[:, ::-1, :], (2, 1, 0)))
+    assert (tmp_path / "out.json").is_file()
+    (nrrd_path,) = write_seg_nrrd_layer(str(tmp_path / "out.nrrd"), labels, _layer_meta(kwargs))
+    assert nrrd_path.endswith("out.seg.nrrd")
+
+
+@pytest.mark.gui
+def test_napari_opens_a_dicom_folder_and_saves_a_dicom_seg(dicom_data, make_napari_viewer, tmp_path):
+    from napari_sam2unet.provenance import META_KEY
+
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(dicom_data / "philips_ct_phantom"), plugin="napari-sam2unet")
+    assert image.data.shape == (512, 512, 28) and tuple(image.scale) == pytest.approx((0.451171875,) * 2 + (5.0,))
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[200:260, 220:300, 10:14] = 1
+    layer = viewer.add_labels(labels, name="phantom labels", scale=image.scale,
+                              metadata={META_KEY: image.metadata[META_KEY]})
+    layer.save(str(tmp_path / "phantom.dcm"), plugin="napari-sam2unet")
+    volume = read_volume(dicom_data / "philips_ct_phantom")
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "phantom.dcm", volume),
+                                  np.transpose(labels[:, ::-1, :], (2, 1, 0)))
