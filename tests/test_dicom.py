@@ -412,3 +412,17 @@ def test_napari_opens_a_dicom_folder_and_saves_a_dicom_seg(dicom_data, make_napa
     volume = read_volume(dicom_data / "philips_ct_phantom")
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "phantom.dcm", volume),
                                   np.transpose(labels[:, ::-1, :], (2, 1, 0)))
+
+
+def test_batch_reads_a_dicom_series_folder(shared_data, tmp_path, brightness_card):
+    pytest.importorskip("distributed", reason="sam2unet batch needs the [cohort] extra")
+    write_series(tmp_path / "p001", ct_block(shared_data))
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f'case,image,box\np001,{tmp_path / "p001"},"6:10,10,40,40"\n')
+    command = ["batch", str(manifest), "-o", str(tmp_path / "out"), "--model", str(brightness_card.card_path),
+               "--workers", "1", "-q"]
+    assert main(command) == 0
+    labels = nib.load(str(tmp_path / "out" / "p001.nii.gz"))
+    np.testing.assert_allclose(labels.affine, read_volume(tmp_path / "p001").affine, atol=1e-6)
+    assert main(command) == 0  # the same series and prompts: skipped, keyed by the folder's files
+    assert "skipped" in (tmp_path / "out" / "report.csv").read_text()

@@ -99,7 +99,8 @@ def test_manifest_is_valid_and_the_package_carries_the_root_file():
     assert packaged.read_text() == root.read_text()
     manifest = npe2.PluginManifest.from_distribution("napari-sam2unet")
     contributions = manifest.contributions
-    assert [r.filename_patterns[:2] for r in contributions.readers] == [["*.nii", "*.nii.gz"]]
+    assert [r.filename_patterns[:2] for r in contributions.readers] == [["*.nii", "*.nii.gz"], ["*.dcm", "*.DCM"]]
+    assert contributions.readers[1].accepts_directories  # a DICOM series' folder
     assert contributions.writers[0].layer_types == ["labels"]
     assert contributions.widgets and contributions.sample_data
     for command in contributions.commands:  # every command points at a real function

@@ -210,6 +210,10 @@ def _check_ours(out: Path) -> None:
 def _file_sha256(path: Path) -> str:
     from .models import sha256_file
 
+    if path.is_dir():  # a DICOM series: every file under the folder, by name and content
+        from .dicom import folder_sha256
+
+        return folder_sha256(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist; check the manifest's image column")
     return sha256_file(path)

@@ -127,6 +127,18 @@ def find_series(path: str | os.PathLike) -> list[Series]:
     return sorted(series.values(), key=lambda s: (_as_number(s.number), s.uid))
 
 
+def folder_sha256(folder: Path) -> str:
+    """One hash of a series folder: each file's relative name and content (batch keys its outputs by it)."""
+    import hashlib
+
+    from .models import sha256_file
+
+    digest = hashlib.sha256()
+    for file in _candidate_files(Path(folder)):
+        digest.update(f"{file.relative_to(folder)}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def _candidate_files(root: Path) -> list[Path]:
     if root.is_file() and root.name.upper() != "DICOMDIR":
         return [root]
