@@ -304,3 +304,28 @@ def test_a_card_written_with_a_repeated_value_reads_back(tmp_path, brightness_ca
     data = {**brightness_card.raw, "notes": {"first": shared, "second": shared}}
     card = load_card(write_card(data, tmp_path / "copy.yaml"))
     assert card.raw["notes"]["second"] == [1, 2, 3]
+
+
+# --- issue 25: nan and inf in prompts from the API or a prompts sidecar ----------------------
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_a_box_or_point_with_nan_or_inf_is_refused_in_one_line(tmp_path, brightness_card, bad):
+    import json
+
+    from napari_sam2unet.errors import PromptError
+    from napari_sam2unet.manifest import CaseSpec, resolve_case
+    from napari_sam2unet.prompts import Point
+
+    data, _ = sphere_volume()
+    engine = Engine(OnnxBackend(brightness_card, threads=1))
+    engine.set_volume(data, (1.0, 1.0, 1.0))
+    for prompts in (Prompts([Box(6, 14, 12, bad, 28)]), Prompts([Box(6, 14, 12, 34, 28)], [Point(6, bad, 20)])):
+        with pytest.raises(PromptError, match="not numbers: give voxel indices, not nan or inf"):
+            engine.segment(prompts, "slice")
+    # a batch's prompts sidecar (JSON allows Infinity and NaN)
+    sidecar = tmp_path / "prompts.json"
+    sidecar.write_text(json.dumps({"prompts": {"boxes": [{"slice": 6, "i0": 14, "j0": 12, "i1": bad, "j1": 28}]}}))
+    case = resolve_case(CaseSpec("ball", tmp_path / "ball.nii.gz", {"prompts": str(sidecar)}))
+    with pytest.raises(PromptError, match="not numbers"):
+        case.prompts.validate(data.shape, 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ import re
 import signal
 import tempfile
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,7 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None, series
     _check_memory(path, squeezed[:3])
     try:
         data = np.asarray(image.dataobj, dtype=None)
+        _check_gzip_end(path)
         data = data.reshape(squeezed)
         if len(squeezed) == 4:
             count = squeezed[3]
@@ -146,6 +149,20 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None, series
                     source_shape=shape, notes=notes)
     _check_spacing(path, volume.spacing)
     return volume
+
+
+def _check_gzip_end(path: Path) -> None:
+    """Read a .nii.gz to its end: gzip checks its CRC only there, and nibabel stops after the
+    voxels, so damage in the middle of the stream would pass as wrong voxels."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path.name} is corrupt ({_first_line(error)}): its voxels are not what was saved; "
+                         f"copy or export it again") from None
 
 
 def _raw_header(path: Path, image: nib.Nifti1Image) -> nib.Nifti1Header:
