@@ -443,3 +443,13 @@ def test_a_byte_flipped_in_the_middle_of_a_gz_stream_is_refused(tmp_path):
     intact = tmp_path / "intact.nii.gz"
     intact.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=0))
     assert read_volume(intact).data.shape == (20, 20, 10)
+
+
+def test_a_single_nii_with_vox_offset_inside_its_header_is_refused(tmp_path):
+    path = write_nifti(tmp_path / "img.nii", np.arange(1000, dtype=np.float32).reshape(10, 10, 10))
+    damaged = bytearray(path.read_bytes())
+    damaged[108:112] = np.float32(0).tobytes()  # vox_offset 0: the header's bytes read as voxels
+    (tmp_path / "zero.nii").write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=r"zero.nii says its voxels start at byte 0 \(vox_offset\), inside"):
+        read_volume(tmp_path / "zero.nii")
+    assert read_volume(path).data.shape == (10, 10, 10)

@@ -112,6 +112,7 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None, series
     image = _load(path)
     shape = tuple(int(n) for n in image.shape)
     _check_voxel_type(path, image.get_data_dtype())
+    _check_vox_offset(path, image)
     notes: list[str] = []
     # Trailing singleton dimensions (X, Y, Z, 1, 1) are common and harmless.
     squeezed = shape
@@ -195,6 +196,15 @@ def _load(path: Path) -> nib.Nifti1Image:
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path.name} is not a NIfTI-1 or NIfTI-2 image")
     return image
+
+
+def _check_vox_offset(path: Path, image: nib.Nifti1Image) -> None:
+    """A single-file NIfTI-1 keeps its voxels after its 348-byte header and 4 extension bytes: a
+    smaller vox_offset (the standard requires 352 or more) would read the header as voxels."""
+    offset = getattr(image.dataobj, "offset", None)  # where nibabel will read (its header shows 0)
+    if bytes(image.header["magic"]).rstrip(b"\0") == b"n+1" and offset is not None and offset < 352:
+        raise InputError(f"{path.name} says its voxels start at byte {int(offset)} (vox_offset), "
+                         f"inside its 352-byte header; the file is damaged: export it again")
 
 
 def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
