@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -272,8 +273,12 @@ def test_cli_writes_dicom_seg_and_slicer_files_on_the_right_voxels(dicom_data, t
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
     np.testing.assert_allclose(slicer["ijkToLPS"], lps, atol=1e-5)
     assert [(s["name"], s["labelValue"]) for s in slicer["segments"]] == [("label 1", 1)]
-    for sidecar in ("seg.json", "seg.seg.json"):
-        assert json.loads((tmp_path / sidecar).read_text())["model"]["sha256"] == brightness_card.sha256
+    for sidecar, output in (("seg.json", "seg.dcm"), ("seg.seg.json", "seg.seg.nrrd")):
+        record = json.loads((tmp_path / sidecar).read_text())
+        assert record["model"]["sha256"] == brightness_card.sha256
+        # the sidecar names the file it describes and its hash, as for NIfTI outputs
+        digest = hashlib.sha256((tmp_path / output).read_bytes()).hexdigest()
+        assert record["output"] == {"file": output, "sha256": digest}
 
 
 # --- bad input: one line, exit 2, nothing written ------------------------------------------------

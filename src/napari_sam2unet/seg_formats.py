@@ -23,8 +23,8 @@ from .io import (
     check_output_path,
     is_nifti_path,
     label_array,
+    sidecar_entry,
     sidecar_path_for,
-    sidecar_text,
     write_all_or_nothing,
     write_labels,
 )
@@ -91,9 +91,8 @@ def write_segmentation(
         files = [(path, ".dcm", lambda tmp: dataset.save_as(tmp, enforce_file_format=True))]
     else:
         files = [(path, ".nrrd", lambda tmp: write_seg_nrrd(tmp, labels, volume.affine, table))]
-    if sidecar is not None:
-        text = sidecar_text(sidecar)
-        files.append((sidecar_path_for(path), ".json", lambda tmp: Path(tmp).write_text(text)))
+    if sidecar is not None:  # the sidecar names the segmentation's sha256 and is published last
+        files.append(sidecar_entry(path, sidecar))
     write_all_or_nothing(files, overwrite)
     return path
 
