@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from napari.utils.notifications import show_warning
 
+from .errors import InputError
 from .io import Volume, is_nifti_path, read_volume
-from .label_files import read_label_table
+from .label_files import name_features, read_label_table
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY
+from .views import opening_window, show_plane
 
 # NIFTI_INTENT_LABEL: the file says it is a label map.
 _INTENT_LABEL = 1002
@@ -43,7 +46,40 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
 def read_nifti(path: PathOrPaths) -> list[LayerData]:
     """Read NIfTI files as napari layer data (image, or labels for label maps)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [volume_layer_data(read_volume(p)) for p in paths]
+    layers = [volume_layer_data(read_volume(p)) for p in paths]
+    _axial_when_added(layers)
+    return layers
+
+
+def _axial_when_added(layers: list[LayerData]) -> None:
+    """Images open in the radiological axial view of their affine, with or without the widget.
+    A reader cannot set the view, so it waits for its layers to reach the viewer."""
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    waiting = {kwargs["metadata"][META_KEY]["path"] for _, kwargs, kind in layers if kind == "image"}
+    if viewer is None or not waiting:
+        return
+
+    def on_inserted(event):
+        from napari.layers import Image
+
+        from .history import layer_key
+        from .session import session_for
+
+        layer = event.value
+        path = (layer.metadata.get(META_KEY) or {}).get("path")
+        if not isinstance(layer, Image) or path not in waiting:
+            return
+        waiting.discard(path)
+        if not waiting:
+            viewer.layers.events.inserted.disconnect(on_inserted)
+        viewed = session_for(viewer).viewed
+        if layer_key(layer) not in viewed:  # the widget, when open, did it already
+            viewed.add(layer_key(layer))
+            show_plane(viewer, layer, "axial")
+
+    viewer.layers.events.inserted.connect(on_inserted)
 
 
 def read_dicom_layers(path: PathOrPaths) -> list[LayerData]:
@@ -107,14 +143,32 @@ def volume_layer_data(volume: Volume) -> LayerData:
         if table:
             metadata[NAMES_KEY] = {label: name for label, (name, _) in table.items()}
             metadata[COLOURS_KEY] = {label: rgb for label, (_, rgb) in table.items()}
+            kwargs["features"] = name_features(metadata[NAMES_KEY])  # names on hover
             colours = {label: (*(c / 255 for c in rgb), 1.0) for label, (_, rgb) in table.items()}
             kwargs["colormap"] = {0: (0.0, 0.0, 0.0, 0.0), None: (0.6, 0.6, 0.6, 1.0), **colours}
         return volume.data.astype(dtype), kwargs, "labels"
-    low, high = np.percentile(volume.data, (0.5, 99.5))
-    if high <= low:
-        low, high = float(volume.data.min()), float(volume.data.max()) + 1e-6
-    kwargs.update(contrast_limits=(float(low), float(high)), colormap="gray")
-    return volume.data, kwargs, "image"
+    data = _finite(volume.data, name)
+    # CT opens in the soft-tissue window, MR in its percentiles: the engine's own modality guess.
+    window = opening_window(data)
+    metadata[META_KEY]["display"] = window  # what the widget's Display "as opened" goes back to
+    kwargs.update(contrast_limits=window, colormap="gray")
+    return data, kwargs, "image"
+
+
+def _finite(data: np.ndarray, name: str) -> np.ndarray:
+    """NaN/Inf voxels as the lowest finite intensity (napari cannot scale a NaN range), said once."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return data
+    finite = np.isfinite(data)
+    if finite.all():
+        return data
+    if not finite.any():
+        raise InputError(f"every voxel of {name} is NaN or infinite: there is nothing to show or segment")
+    low = data[finite].min()
+    bad = int(finite.size - np.count_nonzero(finite))
+    show_warning(f"{bad} NaN or infinite voxels in {name} are shown and segmented as its lowest intensity "
+                 f"({low:g}); fix the file if they mark something else")
+    return np.where(finite, data, low).astype(data.dtype, copy=False)
 
 
 def _label_table(volume: Volume) -> dict:

@@ -8,6 +8,7 @@ annotation at runtime.
 
 import logging
 import time
+from pathlib import Path
 
 import napari
 import numpy as np
@@ -28,12 +29,16 @@ from napari.layers import Image, Labels, Points, Shapes
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QFileDialog
 from superqt.utils import create_worker
 
+from . import _writer
 from .backends import BACKEND_CHOICES
 from .engine import PROPAGATE_MIN_OVERLAP, Engine
 from .errors import Cancelled, InputError, PromptError, Sam2UnetError
 from .history import Step, layer_key, slice_index
+from .io import nifti_stem
+from .label_files import name_features
 from .layer_prompts import (
     SIGN_COLOURS,
     colour_points,
@@ -44,12 +49,12 @@ from .layer_prompts import (
     slice_axis,
 )
 from .models import DEFAULT_MODEL, find_model, list_models
-from .objects import SegObject
+from .objects import SegObject, label_colour
 from .preprocess import WINDOW_CHOICES
 from .prompts import Prompts
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, edit_record, prompts_record, run_record
 from .session import session_for
-from .views import DISPLAY_WINDOWS, PLANES, display_limits, plane_view, ras_mm
+from .views import DISPLAY_WINDOWS, PLANES, display_limits, ras_mm, show_plane
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,14 @@ SCOPES = (
     ("propagate from this slice", ("propagate", True)),
     ("whole volume", ("volume", False)),
 )
+# Save formats by file ending: (what the dialog calls it, the writer function in _writer.py).
+# DICOM-SEG and .seg.nrrd join here once their writers land; the first entry is the default.
+SAVE_FORMATS = {
+    ".nii.gz": ("NIfTI labels + ITK-SNAP/Slicer label files", "write_labels_layer"),
+    ".nii": ("NIfTI labels, uncompressed", "write_labels_layer"),
+}
+# Point markers on screen (pixels): visible at any zoom, small enough to leave a structure seen.
+MARKER_PX = (7, 12)
 # After the threshold moves, the current slice updates at once and the rest after this pause.
 REFINE_ALL_DELAY_MS = 250
 # During a run the labels layer is redrawn at most this often (a redraw costs more than a slice).
@@ -75,6 +88,19 @@ KEYS = {
     "Shift-Z": "undo",
     "Shift-Y": "redo",
 }
+
+
+def _with_save_suffix(path: Path) -> Path:
+    """A path ending in a format we write (typed without one: NIfTI)."""
+    if any(path.name.lower().endswith(end) for end in SAVE_FORMATS):
+        return path
+    return path.with_name(path.name + next(iter(SAVE_FORMATS)))
+
+
+def _object_title(obj: SegObject) -> str:
+    """An object as the list shows it: its label, name and the model that made it."""
+    model = getattr(getattr(obj.engine, "card", None), "name", None)
+    return f"{obj.title} ({model})" if model else obj.title
 
 
 class SegmentWidget(Container):
@@ -110,7 +136,7 @@ class SegmentWidget(Container):
         self.label_name = LineEdit(label="Label name", value="")
         self.commit_button = PushButton(text="Commit / next object (Shift+C)")
         self.clear_button = PushButton(text="Clear prompts (Shift+X)")
-        self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.model = ComboBox(label="Model", choices=self._model_choices, value=DEFAULT_MODEL)
         self.model_file = FileEdit(label="or model file", filter="*.onnx *.yaml", value="",
                                    tooltip="A .onnx (or its .yaml card); wins over the model list")
         self.backend = ComboBox(label="Backend", choices=list(BACKEND_CHOICES), value="auto")
@@ -129,6 +155,9 @@ class SegmentWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.redo_button = PushButton(text="Redo", enabled=False)
+        self.save_button = PushButton(text="Save labels...",
+                                      tooltip="The object's labels layer as NIfTI with its label files, "
+                                              "beside the image")
         self.status = Label(label="Status", value="ready")
         self.cursor = Label(label="Cursor", value="")
         for label in (self.status, self.cursor, self.backend_info):
@@ -143,7 +172,7 @@ class SegmentWidget(Container):
             self.object_list, self.label_value, self.label_name, row(self.commit_button, self.clear_button),
             self.model, self.model_file, self.backend, self.backend_info, self.window, self.scope,
             self.threshold, self.min_overlap, self.target,
-            row(self.run_button, self.cancel_button), row(self.undo_button, self.redo_button),
+            row(self.run_button, self.cancel_button), row(self.undo_button, self.redo_button), self.save_button,
             self.status, self.cursor,
         ])
 
@@ -165,6 +194,7 @@ class SegmentWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.undo_button.changed.connect(self.undo)
         self.redo_button.changed.connect(self.redo)
+        self.save_button.changed.connect(lambda _v=None: self.save_labels())
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             event.connect(self._refresh_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -185,7 +215,28 @@ class SegmentWidget(Container):
         image = self.image.value
         if image is not None:
             self._radiological(image)
+        for layer in viewer.layers:
+            if isinstance(layer, Labels):
+                self._adopt_labels(layer)
         self._update_history_buttons()
+        self._fitted = None
+        self._fit_view()
+        # Docking this widget narrows the canvas: a view the user has not moved stays fitted.
+        viewer.canvas.events.size.connect(self._on_canvas_size)
+
+    def _camera(self):
+        scene = getattr(self.viewer, "scene", None)  # napari 0.9 moved the camera to the scene
+        return scene.camera if scene is not None else self.viewer.camera
+
+    def _fit_view(self):
+        self.viewer.reset_view()
+        camera = self._camera()
+        self._fitted = (camera.zoom, tuple(camera.center))
+
+    def _on_canvas_size(self, _event=None):
+        camera = self._camera()
+        if not self._closed and self._fitted == (camera.zoom, tuple(camera.center)):
+            self._fit_view()
 
     # --- choices ---------------------------------------------------------------------------
 
@@ -193,13 +244,14 @@ class SegmentWidget(Container):
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _model_choices(self, _widget=None):
-        names = [card.name for card in list_models()]
-        return sorted(set(names) | {DEFAULT_MODEL})
+        # The bundled model first: a fine-tuned model never becomes the default by its name.
+        names = {card.name for card in list_models()} - {DEFAULT_MODEL}
+        return [DEFAULT_MODEL, *sorted(names)]
 
     def _object_choices(self, _widget=None):
         if not hasattr(self, "session"):
             return []
-        return [(obj.title, n) for n, obj in enumerate(self.session.objects.objects)]
+        return [(_object_title(obj), n) for n, obj in enumerate(self.session.objects.objects)]
 
     def _target_choices(self, _widget=None):
         image = self.image.value if hasattr(self, "image") else None
@@ -230,6 +282,44 @@ class SegmentWidget(Container):
         layer = event.value
         if isinstance(layer, Image) and META_KEY in layer.metadata:
             self._radiological(layer)
+        elif isinstance(layer, Labels):
+            self._adopt_labels(layer)
+
+    def _adopt_labels(self, layer):
+        """A reopened label map's named labels become objects again, so new runs for them write
+        into it; the object in progress, if still empty, moves to the next free label."""
+        names = {int(k): str(v) for k, v in (layer.metadata.get(NAMES_KEY) or {}).items()}
+        if not names:
+            return
+        objects, current = self.objects.objects, self.current
+        fresh = current is not None and current.result is None and not current.prompts
+        colours = layer.metadata.get(COLOURS_KEY) or {}
+        for label, name in sorted(names.items()):
+            if self._rebind(label, layer, current):
+                continue
+            obj = SegObject(label, name, tuple(colours.get(label, label_colour(label))), layer=layer)
+            objects.insert(objects.index(current) if fresh else len(objects), obj)
+        if fresh:
+            taken = {o.label for o in objects if o is not current}
+            if current.label in taken:
+                current.label = max(taken) + 1
+            if current.layer is None or self._layer_gone(current.layer):
+                current.layer = layer
+        self.objects.index = objects.index(current) if current is not None else len(objects) - 1
+        self._show_object()
+
+    def _rebind(self, label: int, layer, current) -> bool:
+        """An object of this label already here: kept if on this layer, moved to it if its own
+        layer is gone (its cached result belonged to that layer and is dropped)."""
+        for obj in self.objects.objects:
+            if obj is current or obj.label != label:
+                continue
+            if obj.layer is not None and layer_key(obj.layer) == layer_key(layer):
+                return True
+            if obj.layer is None or self._layer_gone(obj.layer):
+                obj.layer, obj.result, obj.engine, obj.base = layer, None, None, {}
+                return True
+        return False
 
     def _radiological(self, image):
         """Open a volume once in the radiological axial view of its affine."""
@@ -241,27 +331,19 @@ class SegmentWidget(Container):
 
     def show_plane(self, plane: str, image=None):
         """Axial, coronal or sagittal, radiological, from the image's affine (its file's, or its layer's)."""
-        image = image if image is not None else self.image.value
-        if image is None or image.ndim != 3:
-            return
-        meta = image.metadata.get(META_KEY) or {}
-        affine = meta.get("affine")
-        if affine is None:
-            affine = np.asarray(image.affine.affine_matrix)
-        order, orientation = plane_view(np.asarray(affine), plane)
-        offset = self.viewer.dims.ndim - 3
-        self.viewer.dims.order = tuple(range(offset)) + tuple(a + offset for a in order)
-        scene = getattr(self.viewer, "scene", None)  # napari 0.9 moved the camera to the scene
-        camera = scene.camera if scene is not None else self.viewer.camera
-        camera.orientation2d = orientation
-        self.viewer.reset_view()
+        show_plane(self.viewer, image if image is not None else self.image.value, plane)
+        self._fit_view()
 
     def _on_display(self, value):
         image = self.image.value
         if image is None:
             return
         if value == "as opened":
-            image.reset_contrast_limits()
+            opened = (image.metadata.get(META_KEY) or {}).get("display")
+            if opened is None:
+                image.reset_contrast_limits()
+            else:
+                image.contrast_limits = opened
         else:
             image.contrast_limits = display_limits(value)
 
@@ -340,6 +422,7 @@ class SegmentWidget(Container):
             show_prompts(obj.prompts, image, points, shapes, obj.axis if obj.axis is not None else self._axis())
         finally:
             self._quiet = False
+        self._keep_sign(points)
 
     def select_object(self, index: int):
         """Make object `index` current: its prompts come back, threshold and points edit it."""
@@ -407,6 +490,7 @@ class SegmentWidget(Container):
                 shapes.data = []
         finally:
             self._quiet = False
+        self._keep_sign(points)
         self.current.prompts = Prompts()
         self.status.value = "prompts cleared"
 
@@ -424,7 +508,9 @@ class SegmentWidget(Container):
         obj = self.current
         obj.name = str(value).strip()
         if obj.layer is not None:
-            obj.layer.metadata.setdefault(NAMES_KEY, {})[obj.label] = obj.name
+            names = obj.layer.metadata.setdefault(NAMES_KEY, {})
+            names[obj.label] = obj.name
+            obj.layer.features = name_features(names)
         self._list_objects()
 
     def _list_objects(self):
@@ -478,9 +564,11 @@ class SegmentWidget(Container):
             shapes.events.data.connect(self._on_boxes_changed)
         if points is None:
             sign = pd.Categorical([], categories=list(SIGN_COLOURS))
+            # A voxel across, but never under MARKER_PX on screen: it marks a spot without hiding it.
             points = self.viewer.add_points(ndim=3, name=f"{image.name} points", features={"sign": sign},
                                             face_color=SIGN_COLOURS[self.point_sign.value], border_color="white",
-                                            size=3 * float(min(image.scale[-2:])), **frame)
+                                            size=float(min(image.scale[-2:])),
+                                            canvas_size_limits=MARKER_PX, **frame)
             points.feature_defaults["sign"] = self.point_sign.value
             points.bind_key("n", self._toggle_sign, overwrite=True)
             points.events.data.connect(self._on_points_changed)
@@ -497,6 +585,13 @@ class SegmentWidget(Container):
             points.feature_defaults["sign"] = value
             points.current_face_color = SIGN_COLOURS[value]
             colour_points(points)  # current_face_color also recolours selected points
+
+    def _keep_sign(self, points):
+        """Refilling the points layer resets its next point's sign: the combo's sign again (the
+        old selection went with the old points)."""
+        if points is not None:
+            points.selected_data = set()
+            self._on_sign_choice(self.point_sign.value)
 
     def _toggle_sign(self, layer=None):
         """n: flip the selected points' sign, or the sign of the next points when none is selected."""
@@ -698,11 +793,14 @@ class SegmentWidget(Container):
         metadata = {NAMES_KEY: {}, COLOURS_KEY: {}, RUNS_KEY: []}
         if META_KEY in image.metadata:
             metadata[META_KEY] = image.metadata[META_KEY]
+        active = self.viewer.layers.selection.active  # a prompt layer: the next drag must draw, not pan
         layer = self.viewer.add_labels(
             np.zeros(image.data.shape, dtype=dtype), name=f"{image.name} labels", scale=image.scale,
             translate=image.translate, rotate=image.rotate, shear=image.shear,
             affine=image.affine.affine_matrix, metadata=metadata, opacity=0.5,
         )
+        if active is not None:
+            self.viewer.layers.selection.active = active
         self.target.reset_choices()
         return layer
 
@@ -765,7 +863,9 @@ class SegmentWidget(Container):
         rgba = np.asarray(layer.get_color(obj.label), dtype=float)
         obj.colour = tuple(int(round(255 * c)) for c in rgba[:3])
         layer.metadata.setdefault(COLOURS_KEY, {})[obj.label] = obj.colour
-        layer.metadata.setdefault(NAMES_KEY, {})[obj.label] = obj.name or f"object {obj.label}"
+        names = layer.metadata.setdefault(NAMES_KEY, {})
+        names[obj.label] = obj.name or f"object {obj.label}"
+        layer.features = name_features(names)  # names on hover, as a reopened map shows them
 
     def _on_error(self, error):
         self._discard_partial()
@@ -815,7 +915,8 @@ class SegmentWidget(Container):
         layers = self.viewer.layers.events
         for event, handler in ((layers.inserted, self._refresh_choices), (layers.removed, self._refresh_choices),
                                (layers.reordered, self._refresh_choices), (layers.inserted, self._on_layer_inserted),
-                               (self.viewer.cursor.events.position, self._on_cursor)):
+                               (self.viewer.cursor.events.position, self._on_cursor),
+                               (self.viewer.canvas.events.size, self._on_canvas_size)):
             event.disconnect(handler)
 
     def _set(self, widget, attribute, value):
@@ -928,7 +1029,7 @@ class SegmentWidget(Container):
         editable = self._editable() is not None and obj.axis == axis
         segmented = set(obj.result.slices) if editable else set()
         if editable and obj.engine.prompted:
-            self._prompted_points(image, axis, touched, segmented)
+            self._prompted_points(image, axis, now, touched, segmented)
             return
         added = [p for p in changed if p in set(now)]
         # From the cache when the model already saw every new point; else the model, if allowed.
@@ -940,25 +1041,24 @@ class SegmentWidget(Container):
         elif touched & segmented:
             self._refine(sorted(touched & segmented))
 
-    def _prompted_points(self, image, axis: int, touched: set, segmented: set):
+    def _prompted_points(self, image, axis: int, drawn: list, touched: set, segmented: set):
         """A model that sees clicks: a segmented slice looks again with its mask as the prior (one
         call); a slice without a mask yet is segmented from its prompts, as a new prompt is."""
         if touched & segmented:
-            self._correct(sorted(touched & segmented))
+            self._correct(sorted(touched & segmented), drawn)
         if self.auto_run.value and current_slice(self.viewer, image, axis) in touched - segmented:
             self._auto_run()
 
-    def _correct(self, slices: list[int]):
+    def _correct(self, slices: list[int], drawn: list):
         """One undo step: each slice corrected by the object's engine from the points drawn now."""
         obj = self._editable()
         if obj is None:
             return
         self._close_edit()  # a threshold drag in flight is its own step
-        points, _ = self._prompt_layers(obj.image)
         step = Step("correct", obj.layer, obj.axis, obj=obj, state_before=obj.state())
         began = time.perf_counter()
         try:
-            prompts = Prompts(list(obj.prompts.boxes), layer_prompts(obj.image, points, None, obj.axis).points)
+            prompts = Prompts(list(obj.prompts.boxes), list(drawn))
             for k in slices:
                 obj.engine.correct(obj.result, k, prompts, float(self.threshold.value))
         except Sam2UnetError as error:
@@ -994,6 +1094,54 @@ class SegmentWidget(Container):
             self._rerun = True
             return
         self.run(scope="this slice")
+
+    # --- saving ----------------------------------------------------------------------------
+
+    def _save_layer(self) -> Labels | None:
+        """The labels layer a save means: the current object's, else the run target, else the only one."""
+        layer = self.current.layer if self.current is not None else None
+        if layer is None or self._layer_gone(layer):
+            layer = self.target.value
+        if layer is None:
+            found = [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+            layer = found[0] if len(found) == 1 else None
+        return layer
+
+    def default_save_path(self, layer: Labels) -> Path:
+        """Beside the source image, named after it: <image>_labels.nii.gz."""
+        source = (layer.metadata.get(META_KEY) or {}).get("path")
+        if source:
+            return Path(source).with_name(f"{nifti_stem(Path(source))}_labels{next(iter(SAVE_FORMATS))}")
+        return Path.cwd() / f"{layer.name}{next(iter(SAVE_FORMATS))}"
+
+    def save_labels(self, path: str | Path | None = None) -> list[str]:
+        """Write the labels layer with its geometry, label files and provenance; asks where when no path."""
+        layer = self._save_layer()
+        if layer is None:
+            show_error("no labels to save: segment something first, or choose the layer under Write into")
+            return []
+        if path is None:
+            path = self._ask_save_path(layer)
+            if not path:
+                return []
+        self._close_edit()
+        path = _with_save_suffix(Path(path))
+        writer = getattr(_writer, next(w for end, (_, w) in SAVE_FORMATS.items() if path.name.lower().endswith(end)))
+        meta = {"name": layer.name, "metadata": layer.metadata, "scale": tuple(layer.scale),
+                "translate": tuple(layer.translate)}
+        try:
+            written = writer(str(path), np.asarray(layer.data), meta)
+        except (Sam2UnetError, OSError) as error:
+            self._say(f"could not save {path.name}: {error}", error if isinstance(error, Sam2UnetError) else None)
+            return []
+        self._set_status(f"saved {Path(written[0]).name} beside its label files")
+        show_info(f"saved {layer.name} to {written[0]}")
+        return written
+
+    def _ask_save_path(self, layer: Labels) -> str:
+        types = ";;".join(f"{name} (*{end})" for end, (name, _) in SAVE_FORMATS.items())
+        path, _ = QFileDialog.getSaveFileName(self.native, "Save labels", str(self.default_save_path(layer)), types)
+        return path
 
     # --- history ---------------------------------------------------------------------------
 

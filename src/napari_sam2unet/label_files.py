@@ -97,3 +97,11 @@ def read_label_table(nifti: Path) -> Table:
     if slicer_path(nifti).is_file():
         return read_slicer(slicer_path(nifti))
     return {}
+
+
+def name_features(names: dict[int, str]):
+    """A napari Labels layer's features table naming each label (shown on hover)."""
+    import pandas as pd
+
+    labels = sorted(int(k) for k in names)
+    return pd.DataFrame({"index": labels, "name": [str(names[k]) for k in labels]})

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .preprocess import CT_PRESETS
+from .errors import InputError
+from .preprocess import CT_PRESETS, plan_views
 
 PLANES = ("axial", "coronal", "sagittal")
 # Anatomical directions as RAS+ world axes: 0 = left->right, 1 = posterior->anterior, 2 = inferior->superior.
@@ -62,3 +63,35 @@ def display_limits(preset: str) -> tuple[float, float]:
     """Contrast limits of a CT window preset (level/width in HU), for display only."""
     level, width = CT_PRESETS[preset]
     return level - width / 2, level + width / 2
+
+
+def opening_window(data: np.ndarray) -> tuple[float, float]:
+    """The contrast a volume opens with: the engine's own guess (CT soft tissue for CT-like
+    values, else the MR percentiles), on its finite voxels."""
+    flat = np.asarray(data).reshape(-1)
+    sample = flat[:: max(1, flat.size // 2_000_000)]
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise InputError("every voxel of the image is NaN or infinite: there is nothing to show")
+    try:
+        view = plan_views(sample, "auto")[0]
+    except InputError:  # nearly constant: show what there is
+        return float(sample.min()), float(sample.max()) + 1e-6
+    return float(view.low), float(view.high)
+
+
+def show_plane(viewer, image, plane: str) -> None:
+    """Show a 3D image layer in a radiological plane worked out from its file's affine (else the
+    layer's), fitted to the canvas."""
+    if image is None or image.ndim != 3:
+        return
+    affine = (image.metadata.get("sam2unet") or {}).get("affine")
+    if affine is None:
+        affine = np.asarray(image.affine.affine_matrix)
+    order, orientation = plane_view(np.asarray(affine), plane)
+    offset = viewer.dims.ndim - 3
+    viewer.dims.order = tuple(range(offset)) + tuple(a + offset for a in order)
+    scene = getattr(viewer, "scene", None)  # napari 0.9 moved the camera to the scene
+    camera = scene.camera if scene is not None else viewer.camera
+    camera.orientation2d = orientation
+    viewer.reset_view()
