@@ -19,13 +19,23 @@ settings.load_profile("repeatable")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def save_model(graph, path: Path) -> None:
+    """A test graph as a checked ONNX file (opset 18, IR 8: what onnxruntime and QNN read)."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def build_brightness_model(path: Path, size: int = 352, batch: int | str = "N", gain: float = 8.0) -> Path:
     """A real ONNX model with the SAM2-UNet contract: logits = gain * mean over channels.
 
     With ImageNet normalisation a pixel brighter than ~45% of the window gets positive logits,
     so "bright structure" is the object: enough to check every step around the model.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, size, size])
@@ -37,10 +47,7 @@ def build_brightness_model(path: Path, size: int = 352, batch: int | str = "N", 
         helper.make_node("Mul", ["mean", "gain"], ["logits"]),
     ]
     graph = helper.make_graph(nodes, "brightness", [image], [logits], [gain_tensor, axes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    save_model(graph, path)
     return path
 
 
@@ -89,7 +96,6 @@ def build_prompt_model(path: Path, size: int = 352) -> Path:
 
     A bright pixel is the object; a prior alone cannot make a dim pixel the object; a positive
     click adds the pixels around it and a negative one removes them. A 1x1 convolution."""
-    import onnx
     from onnx import TensorProto, helper
 
     from napari_sam2unet.models import IMAGENET_MEAN, IMAGENET_STD
@@ -104,10 +110,7 @@ def build_prompt_model(path: Path, size: int = 352) -> Path:
     b = helper.make_tensor("b", TensorProto.FLOAT, [1], [bias])
     graph = helper.make_graph([helper.make_node("Conv", ["image", "w", "b"], ["logits"])], "prompted",
                               [image], [logits], [w, b])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    save_model(graph, path)
     return path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_test_card
+from conftest import save_model, write_test_card
 
 from napari_sam2unet.backends import open_backend
 from napari_sam2unet.backends.aidlite import AidliteBackend, npu_unavailable_reason, select_binary
@@ -39,7 +39,6 @@ def build_probe_model(path: Path, layout: str = "nchw") -> Path:
     +-12: swapping channels, transposing H and W or mixing up NHWC/NCHW change its masks.
     layout nhwc: the same model taking N x H x W x 3 (as `sam2unet export --layout nhwc`).
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     grid = np.mgrid[-2:3, -2:3].astype(np.float32)
@@ -74,10 +73,7 @@ def build_probe_model(path: Path, layout: str = "nchw") -> Path:
         nodes.insert(0, helper.make_node("Identity", ["image"], ["nchw"]))
         nodes.append(helper.make_node("Identity", ["nchw_logits"], ["logits"]))
     graph = helper.make_graph(nodes, "probe", [image], [logits], initialisers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    save_model(graph, path)
     return path
 
 

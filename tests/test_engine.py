@@ -30,13 +30,18 @@ def dice(a, b):
     return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
 
 
-@pytest.fixture
-def engine(brightness_card):
+def sphere_engine(card) -> Engine:
+    """An engine on the bright-ball volume with a counting backend; `engine.truth` is the ball."""
     data, truth = sphere_volume()
-    engine = Engine(CountingBackend(brightness_card))
+    engine = Engine(CountingBackend(card))
     engine.set_volume(data, (1.0, 1.0, 2.0))
     engine.truth = truth
     return engine
+
+
+@pytest.fixture
+def engine(brightness_card):
+    return sphere_engine(brightness_card)
 
 
 def test_box_segments_its_slice_only(engine):

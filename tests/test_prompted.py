@@ -4,7 +4,7 @@ them (corrections, propagation, interpolation, clicks alone), and the training c
 import numpy as np
 import pytest
 from conftest import sphere_volume
-from test_engine import CountingBackend
+from test_engine import CountingBackend, sphere_engine
 
 from napari_sam2unet.engine import Engine
 from napari_sam2unet.models import InputSpec
@@ -18,11 +18,7 @@ SPEC = InputSpec(channels="prompted")
 
 @pytest.fixture
 def engine(prompted_card):
-    data, truth = sphere_volume()
-    engine = Engine(CountingBackend(prompted_card))
-    engine.set_volume(data, (1.0, 1.0, 2.0))
-    engine.truth = truth
-    return engine
+    return sphere_engine(prompted_card)
 
 
 def test_clicks_are_drawn_where_they_are_and_read_back():
@@ -127,9 +123,7 @@ def test_interpolation_can_walk_in_from_both_boxes(engine):
 
 
 def test_the_card_decides_whether_prompts_reach_the_model(engine, brightness_card):
-    plain = Engine(CountingBackend(brightness_card))
-    data, _ = sphere_volume()
-    plain.set_volume(data, (1.0, 1.0, 2.0))
+    plain = sphere_engine(brightness_card)
     mask = np.zeros((48, 40), bool)
     mask[20:28, 16:24] = True
     for which, expect_prompts in ((engine, True), (plain, False)):
@@ -299,3 +293,49 @@ def test_propagation_stops_where_only_the_prior_still_shows_the_structure(prompt
         runs[check] = engine.segment(Prompts([Box(2, 16, 12, 33, 29)]), scope="propagate")
     assert max(runs[0.0].slices) == 13  # without the check the prior walks into the faint patch
     assert max(runs[0.5].slices) <= 9 and "image alone" in runs[0.5].stops[1]
+
+
+def test_cli_refuses_a_prior_it_cannot_use_in_one_line(tmp_path, prompted_card, capsys):
+    from conftest import write_nifti
+
+    from napari_sam2unet.cli import main
+
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    smaller = write_nifti(tmp_path / "small.nii.gz", truth[:, :, :6].astype(np.uint8))
+    moved = np.eye(4)
+    moved[0, 3] = 5.0
+    shifted = write_nifti(tmp_path / "shifted.nii.gz", truth.astype(np.uint8), moved)
+    out = tmp_path / "x.nii.gz"
+    model = ["--model", str(prompted_card.card_path)]
+    for args, why in (
+        (["--prior", str(smaller), "--point", "6:24,20"], "on the image's grid"),
+        (["--prior", str(shifted), "--point", "6:24,20"], "not aligned"),
+        (["--prior-label", "2", "--point", "6:24,20"], "needs --prior"),
+    ):
+        assert main(["segment", str(image), "--out", str(out), *model, *args]) != 0
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_init_keeps_the_stems_views_in_channel_0_and_refuses_another_config(tmp_path):
+    torch = pytest.importorskip("torch")
+    from napari_sam2unet.errors import InputError
+    from napari_sam2unet.modeling import build_sam2unet
+    from napari_sam2unet.modeling.configs import tiny_test_config
+    from napari_sam2unet.training.train import load_initial_weights
+
+    old = build_sam2unet(tiny_test_config())
+    best = tmp_path / "best.pt"
+    torch.save({"ema": old.state_dict(), "args": {"channels": "multiview"}}, best)
+    new = build_sam2unet(tiny_test_config())
+    load_initial_weights(torch, new, best, "prompted")
+    stem_old, stem_new = old.encoder.patch_embed.proj.weight, new.encoder.patch_embed.proj.weight
+    assert torch.allclose(stem_new[:, 0], stem_old.sum(1)) and not stem_new[:, 1:].any()
+    other = build_sam2unet(tiny_test_config(embed_dim=24))
+    with pytest.raises(InputError, match="another SAM2-UNet config"):
+        load_initial_weights(torch, other, best, "prompted")
+    best.write_text("not a checkpoint")
+    with pytest.raises(InputError, match="--init"):
+        load_initial_weights(torch, new, best, "prompted")

@@ -448,22 +448,27 @@ class Engine:
         # the points as clicks (box + clicks is a box, then corrections, as users work).
         second = [k for k in order if self.prompted and prompts.points_on(k)]
         total = len(order) + len(second)
-        groups = [order[start : start + self.batch_size] for start in range(0, total, self.batch_size)]
         done = 0
-        for index in self._run_groups([[t for k in group for t in plan[k]] for group in groups]):
-            for k in groups[index]:
+        for group in self._batched(order, lambda k: plan[k]):
+            for k in group:
                 result.slices[k] = self.slice_result(k, plan[k], prompts, threshold)
-            done += len(groups[index])
+            done += len(group)
             yield done, total
-        if second:
-            tasks = {k: self.correction_task(k, result.slices[k].mask, prompts.points_on(k),
-                                             keep_clicked=not prompts.boxes_on(k), boxed=_single(plan[k]))
-                     for k in second}
-            for k in second:
-                self._run_tasks([tasks[k]])
-                result.slices[k] = SliceResult([tasks[k]], self.postprocess(k, [tasks[k]], prompts, threshold))
-                done += 1
-                yield done, total
+        looks = {k: self.correction_task(k, result.slices[k].mask, prompts.points_on(k),
+                                         keep_clicked=not prompts.boxes_on(k), boxed=_single(plan[k]))
+                 for k in second}
+        for group in self._batched(second, lambda k: [looks[k]]):
+            for k in group:
+                result.slices[k] = SliceResult([looks[k]], self.postprocess(k, [looks[k]], prompts, threshold))
+            done += len(group)
+            yield done, total
+
+    def _batched(self, slices: list[int], tasks_of) -> Iterator[list[int]]:
+        """Slices in groups of the batch size, each group's tasks run (one backend call a group);
+        yields each group when its probabilities are cached."""
+        groups = [slices[start : start + self.batch_size] for start in range(0, len(slices), self.batch_size)]
+        for index in self._run_groups([[t for k in group for t in tasks_of(k)] for group in groups]):
+            yield groups[index]
 
     def _next_task(self, k: int, previous: np.ndarray, box: tuple | None = None) -> SliceTask | None:
         """The task for slice k from its neighbour's mask: the mask's box (or a given one), and,

@@ -31,21 +31,16 @@ def is_prompted(spec: InputSpec) -> bool:
 def click_map(clicks: Iterable[tuple[float, float, bool]], size: tuple[int, int]) -> np.ndarray:
     """Signed click map in -1..1 (positive clicks up, negative down) at model pixel coordinates
     (u, v, positive): u, v index the SxS input, pixel centres at integers."""
-    signed = np.zeros(size, dtype=np.float32)
     positive = np.zeros(size, dtype=np.float32)
     negative = np.zeros(size, dtype=np.float32)
     sigma = CLICK_SIGMA * max(size)
     rows = np.arange(size[0], dtype=np.float32)
     cols = np.arange(size[1], dtype=np.float32)
-    any_click = False
     for u, v, sign in clicks:
-        any_click = True
         gauss = np.exp(-((rows - u) ** 2) / (2 * sigma**2))[:, None] * np.exp(-((cols - v) ** 2) / (2 * sigma**2))[None]
         target = positive if sign else negative
         np.maximum(target, gauss, out=target)
-    if any_click:
-        signed = positive - negative
-    return signed
+    return positive - negative
 
 
 def to_crop_coords(i: float, j: float, crop: Crop, size: tuple[int, int]) -> tuple[float, float]:

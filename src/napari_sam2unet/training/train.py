@@ -267,6 +267,9 @@ def _start_run(torch, args, device, out: Path) -> _Run:
     if init and not (args.resume and (out / "last.pt").is_file()):
         load_initial_weights(torch, model, init, args.channels)
         print(f"initialised from {init}", flush=True)
+    # Weights from an ONNX file have BatchNorm folded into their convolutions: it stays frozen for
+    # the whole run, a resumed one too (a batch's statistics would undo the folding).
+    model.frozen_batchnorm = bool(init) and Path(init).suffix != ".pt"
     ema = Ema(model, args.ema)
     run = _Run(model, ema, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay))
     last_path = out / "last.pt"
@@ -292,10 +295,14 @@ def load_initial_weights(torch, model, path, channels: str) -> None:
     A multiview stem moving to prompted channels keeps what it learnt: its three views' filters
     are summed into channel 0 (the views are one intensity, differently curved), and the prompt
     channels start at zero, so step 0 is the old model seeing one view."""
+    from .onnx_weights import NOT_IN_GRAPH
+
     path = Path(path)
     if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or "ema" not in state:
+        from .checkpoint_file import load_checkpoint
+
+        state = load_checkpoint(path, "--init")
+        if "ema" not in state:
             raise InputError(f"--init {path} is not a best.pt written by `sam2unet train`")
         weights, old_channels = state["ema"], (state.get("args") or {}).get("channels", "multiview")
     else:
@@ -304,18 +311,21 @@ def load_initial_weights(torch, model, path, channels: str) -> None:
 
         card = find_model(str(path))
         weights, old_channels = model_from_onnx(card)[0].state_dict(), card.input.channels
-    weights = {k: v for k, v in weights.items() if not k.startswith(("side1.", "side2.", "up4."))}
+    # The side heads are not in an ONNX file (they never reach the prediction): they start afresh.
+    weights = {k: v for k, v in weights.items() if not k.startswith(NOT_IN_GRAPH)}
     stem = next(k for k in weights if k.endswith("patch_embed.proj.weight"))
     if channels == PROMPTED != old_channels:
         merged = weights[stem].clone()
         merged[:, 0] = weights[stem].sum(1)
         merged[:, 1:] = 0
         weights[stem] = merged
-    missing = model.load_state_dict(weights, strict=False).missing_keys
-    unexpected = [k for k in missing if not k.startswith(("side1.", "side2.", "up4."))]
-    if unexpected:
-        raise InputError(f"--init {path} lacks weights of this config, e.g. {unexpected[0]}")
-    model.frozen_batchnorm = True  # the ONNX file's BatchNorm is folded into its convolutions
+    try:
+        missing = model.load_state_dict(weights, strict=False).missing_keys
+    except RuntimeError:  # shapes of another config
+        raise InputError(f"--init {path} holds weights of another SAM2-UNet config than --config") from None
+    lacking = [k for k in missing if not k.startswith(NOT_IN_GRAPH)]
+    if lacking:
+        raise InputError(f"--init {path} lacks weights of this config, e.g. {lacking[0]}")
 
 
 def train_mode(model) -> None:
