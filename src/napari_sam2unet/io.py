@@ -276,11 +276,13 @@ def sidecar_path_for(path: Path) -> Path:
 
 
 def check_output_path(
-    out: str | os.PathLike, source: Volume | None = None, overwrite: bool = False, sidecar: bool = False
+    out: str | os.PathLike, source: Volume | None = None, overwrite: bool = False, sidecar: bool = False,
+    nifti: bool = True,
 ) -> Path:
-    """Refuse output paths that would lose the user's data or could not be written, before any work."""
+    """Refuse output paths that would lose the user's data or could not be written, before any work.
+    nifti=False: the caller writes another format (seg_formats.py) and has checked its name."""
     out = Path(out)
-    if not is_nifti_path(out):
+    if nifti and not is_nifti_path(out):
         raise InputError(f"output {out.name} must end in .nii.gz or .nii")
     _check_name_lengths(out, sidecar_path_for(out) if sidecar else None)
     try:

@@ -24,7 +24,6 @@ from .io import (
     is_nifti_path,
     label_array,
     sidecar_entry,
-    sidecar_path_for,
     write_all_or_nothing,
     write_labels,
 )
@@ -56,17 +55,7 @@ def check_output(out: str | os.PathLike, source: Volume, overwrite: bool = False
         name = source.path.name if source.path else "this image"
         raise InputError(f"a DICOM-SEG references the DICOM images it was made on, and {name} is not a DICOM "
                          f"series: write .nii.gz or .seg.nrrd, or segment the DICOM series itself")
-    if kind == "nifti":
-        return check_output_path(out, source, overwrite, sidecar)
-    from . import io
-
-    out = Path(out)
-    io._check_name_lengths(out, sidecar_path_for(out) if sidecar else None)
-    try:
-        io._check_target(out, source, overwrite, sidecar)
-    except OSError as error:
-        raise InputError(f"cannot use {out}: {error.strerror or error}; choose another --out") from None
-    return out
+    return check_output_path(out, source, overwrite, sidecar, nifti=kind == "nifti")
 
 
 def write_segmentation(
