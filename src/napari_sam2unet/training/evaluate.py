@@ -1,4 +1,4 @@
-"""`sam2unet eval`: box-steered 3D Dice per structure on held-out scans, against baselines.
+"""`sam2unet eval`: 3D Dice per structure on held-out scans as users prompt, against baselines.
 
 Every slice a structure touches gets a box from its reference outline, enlarged by 10% (the
 "tight" protocol) or moved and resized at random as people draw them (the "jittered" protocol,
@@ -335,9 +335,11 @@ def markdown_table(report: dict) -> str:
 def add_eval_parser(subparsers) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "eval",
-        help="box-steered 3D Dice per structure on held-out scans, against an Otsu-in-box baseline",
+        help="3D Dice per structure on held-out scans as users prompt (boxes, corrective clicks, clicks alone), "
+        "against an Otsu-in-box baseline",
         description="Boxes come from each structure's reference outline on every slice (enlarged by 10%%, "
-        "and a jittered variant); every model and the classical baseline segment the same boxes.",
+        "and a jittered variant); clicks go to the middle of the structure or of the largest error; every "
+        "model segments through the engine, and the classical baseline segments the same boxes.",
     )
     p.add_argument("--model", action="append", default=None,
                    help="model name or .onnx/.yaml path; repeat to compare (default: the bundled model)")
