@@ -6,7 +6,6 @@ import argparse
 import importlib
 import importlib.util
 import math
-import os
 import platform
 import shlex
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, Sam2UnetError
+from .options import check_threads
 from .preprocess import WINDOW_CHOICES
 
 # Subcommands whose code lives beside the modules they drive: (module, add-parser function).
@@ -99,7 +99,7 @@ def run_segment(args: argparse.Namespace) -> int:
         raise Sam2UnetError(f"--label {args.label} is out of range; use 1 to 65535")
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise Sam2UnetError(f"--threshold {args.threshold} must lie between 0 and 1")
-    _check_threads(args.threads)
+    check_threads(args.threads)  # shared with finetune and train
     prompts = Prompts([parse_box(b) for b in args.box], [parse_point(p) for p in args.point])
     _check_finite_prompts(args.box, prompts.boxes, args.point, prompts.points)
     volume = read_volume(args.image, args.volume_index, series=args.series)
@@ -163,13 +163,6 @@ def _correct_prior(engine, prior, prompts, threshold):
     for k in sorted({p.slice for p in prompts.points}):
         engine.correct(result, k, prompts)
     return result
-
-
-def _check_threads(threads: int | None) -> None:
-    # More threads than cores only makes onnxruntime spin: 10000 turned 0.3 s into minutes.
-    cores = os.cpu_count() or 1
-    if threads is not None and not 1 <= threads <= cores:
-        raise Sam2UnetError(f"--threads {threads} is out of range; use 1 to {cores} (this machine has {cores} cores)")
 
 
 def _check_finite_prompts(box_texts, boxes, point_texts, points) -> None:

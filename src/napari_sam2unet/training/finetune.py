@@ -354,6 +354,17 @@ class Settings:
     deform: float = 0.0  # share of training crops rotated and rescaled (deformed())
     exact: float = 0.0  # share of training crops framed as the evaluation frames them
 
+    def check(self) -> None:
+        """One line naming a bad value, before any work (--lr inf wrote a model of NaN weights)."""
+        from ..options import check_count, check_positive, check_share, check_threads
+
+        check_count("--steps", self.steps)
+        check_count("--batch", self.batch)
+        check_positive("--lr", self.lr)
+        check_share("--deform", self.deform)
+        check_share("--exact", self.exact)
+        check_threads(self.threads, zero_is_default=True)
+
 
 @dataclass
 class Progress:
@@ -395,10 +406,9 @@ def iter_finetune(base: Base, data: Labelled, settings: Settings) -> Iterator[Pr
     torch = _torch()
     from .train import dice_scores, structure_loss
 
+    settings.check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if settings.steps < 1 or settings.batch < 1:
-        raise InputError("--steps and --batch must be at least 1")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     model = base.model.eval()  # eval throughout: BatchNorm keeps its statistics
@@ -554,11 +564,15 @@ def _write_card(base: Base, onnx_path: Path, extra: dict, name: str, how: str) -
 
 
 def check_output(out: Path, overwrite: bool) -> None:
+    """--out before any work: an .onnx whose card has room beside it, in a folder we can write."""
+    from ..options import check_output_file
+
     if out.suffix != ".onnx":
         raise InputError(f"--out {out} must end in .onnx (its card is written beside it)")
     for path in (out, out.with_suffix(".yaml")):
         if path.exists() and not overwrite:
             raise InputError(f"{path} exists; choose another --out or pass --overwrite")
+        check_output_file(path, "--out")
 
 
 def finetune(base: Base, data: Labelled, out: Path, settings: Settings, name: str | None = None,
@@ -641,7 +655,9 @@ def output_path(out: Path | None, base_name: str) -> Path:
 
     if out is None:
         out = models_folder()  # $SAM2UNET_MODELS, else the per-user folder: both are searched
-    if out.suffix != ".onnx":
+    if out.suffix.lower() != ".onnx":
+        if out.suffix and not out.is_dir():  # `--out m.pt` once made a folder m.pt
+            raise InputError(f"--out {out} must end in .onnx, or be an existing folder for the model")
         out = out / f"{base_name}-ft-{time.strftime('%Y%m%d-%H%M%S')}.onnx"
     return out
 
@@ -655,13 +671,14 @@ def run_finetune(args) -> int:
         raise InputError("--image needs --labels: the label map that holds your labelled slices")
     settings = Settings(args.steps, args.batch, args.lr, args.trunk, args.seed, args.threads, args.deform,
                         args.exact)
+    settings.check()
     slices = _parse_slices(args.slices)
+    out = output_path(args.out, Path(str(args.base or DEFAULT_NAME)).stem)
+    check_output(out, args.overwrite)
     torch = _torch()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     pair = read_pair(args.image, args.labels, args.axis, slices, args.label) if args.image is not None else None
-    out = output_path(args.out, Path(str(args.base or DEFAULT_NAME)).stem)
-    check_output(out, args.overwrite)
     base = load_base(args.base, args.config)
     if args.image is not None:
         data = file_data(args.image, args.labels, base.spec.channels, args.axis, slices, args.label, args.window,

@@ -693,7 +693,40 @@ def add_train_parser(subparsers) -> None:
     p.set_defaults(func=run_train)
 
 
+def check_args(args) -> None:
+    """Every number and output place, in one line each, before any data is read or a step runs."""
+    from .. import options as o
+
+    o.check_threads(args.threads, zero_is_default=True)
+    for option, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                               ("--hires-batch", args.hires_batch, 1), ("--hires-steps", args.hires_steps, 0),
+                               ("--size", args.size, 32), ("--warmup", args.warmup, 0),
+                               ("--click-rounds", args.click_rounds, 0), ("--val-crops", args.val_crops, 1),
+                               ("--val-every", args.val_every, 1), ("--log-every", args.log_every, 1),
+                               ("--workers", args.workers, 1)):
+        o.check_count(option, value, low)
+    o.check_positive("--lr", args.lr)
+    for option, value in (("--min-lr", args.min_lr), ("--weight-decay", args.weight_decay),
+                          ("--distill-weight", args.distill_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{option} {value} must be a finite number, 0 or above")
+    for option, value in (("--ema", args.ema), ("--click-share", args.click_share)):
+        o.check_share(option, value)
+    if not (math.isfinite(args.margin) and 0 <= args.margin <= 10):
+        raise InputError(f"--margin {args.margin} is a share of the box's side: use 0 to 10")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} is a file; give a folder for the checkpoints and log")
+    if not args.export_only:
+        o.check_folder_writable(out_dir, "--out-dir")
+    if args.export:
+        if Path(args.export).suffix != ".onnx":
+            raise InputError(f"--export {args.export} must end in .onnx (its card is written beside it)")
+        o.check_output_file(Path(args.export), "--export")
+
+
 def run_train(args) -> int:
+    check_args(args)
     if args.arch == "sam2unet":
         from ..modeling.configs import CONFIGS
 
