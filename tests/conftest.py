@@ -17,6 +17,8 @@ settings.register_profile("repeatable", derandomize=True)
 settings.load_profile("repeatable")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Small real scans committed with the tests, in shared/data's layout (tests/data/README.md).
+FIXTURES = Path(__file__).resolve().parent / "data"
 
 
 def save_model(graph, path: Path) -> None:
@@ -69,6 +71,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real scans not found at {SHARED_DATA} (shared/ must sit beside the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The committed scans: a fresh clone has them (shared_data is for the heavier ones)."""
+    return FIXTURES
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

@@ -137,6 +137,26 @@ def test_modality_guess_survives_the_offsets_and_scalings_real_files_have(shared
     assert shifted.low == pytest.approx(plan_views(mr)[0].low - 1000, abs=1e-3)
 
 
+def test_a_float_ct_stored_as_hu_plus_1024_is_ct_and_the_hippocampus_mr_stays_mr(real_data):
+    """A resampled CT (fractional values) stored as HU + 1024 was taken for MR: 3666 voxels
+    against 797 in HU. The MSD hippocampus crop read as HU + 1024 has air and soft-tissue shares
+    like CT, but its tissue fills the band between lung and fat (issue 25)."""
+    import nibabel as nib
+
+    ct = np.asarray(nib.load(str(real_data / "totalseg" / "example_ct_sm.nii.gz")).dataobj).astype(np.float32)
+    resampled = 0.63 * ct[:-1] + 0.37 * ct[1:]  # linear interpolation: fractional HU
+    assert not np.all(resampled == np.round(resampled))
+    assert guess_modality(resampled) == guess_modality(resampled + 1024) == "ct"
+    hu, stored = plan_views(resampled, "auto", "multiview"), plan_views(resampled + 1024, "auto", "multiview")
+    for a, b in zip(hu, stored):
+        assert (b.low, b.high) == (a.low + 1024, a.high + 1024)
+    hippocampus = real_data / "cases" / "msd_hippo_hippocampus_366" / "image.nii.gz"
+    mr = np.asarray(nib.load(str(hippocampus)).dataobj).astype(np.float32)
+    assert not np.all(mr == np.round(mr))  # float, like the CT above
+    assert guess_modality(mr) == guess_modality(mr + 0.5) == "mr"
+    assert plan_views(mr)[0].label.startswith("MR")
+
+
 def test_a_smaller_minimum_crop_can_be_asked_for():
     crop = crop_for_box((10, 10, 12, 12), (1.0, 1.0), "square", 0.0, min_pixels=12)
     assert crop.r1 - crop.r0 == pytest.approx(12)

@@ -69,6 +69,9 @@ _CT_OFFSETS = (0.0, -1024.0)
 # below zero has air-like lows too, but its tissue does not pile up exactly there.
 _CT_SOFT_SHARE = 0.35
 _CT_AIR_SHARE = 0.02
+# Body voxels from -500 to -200 HU: CT 4% (abdomen); the MR of msd_hippo_hippocampus_366 read
+# as HU + 1024, 23%.
+_CT_GAP_SHARE = 0.10
 
 
 def guess_modality(volume: np.ndarray) -> str:
@@ -87,12 +90,16 @@ def _hounsfield_offset(volume: np.ndarray) -> float | None:
     whole_numbers = bool(np.all(sample == np.round(sample)))
     for offset in _CT_OFFSETS if sample.size else ():
         hu = sample + offset
-        # HU + 1024 is how raw scanner integers are stored; a resampled (float) file is in HU.
-        if np.percentile(hu, 99) > 4000 or (offset and not whole_numbers):
+        if np.percentile(hu, 99) > 4000:
             continue
         body = hu[hu >= -850]
         air_share = 1 - body.size / hu.size
         if air_share >= _CT_AIR_SHARE and body.size and np.mean(np.abs(body) <= 150) >= _CT_SOFT_SHARE:
+            # Raw scanner integers are HU + 1024; a float file may be too (a resampled one),
+            # but an MR shifted down by 1024 can then look like CT: its tissue fills the band
+            # between lung and fat where CT holds only partial volumes.
+            if offset and not whole_numbers and np.mean((body >= -500) & (body < -200)) > _CT_GAP_SHARE:
+                continue
             return offset
     return None
 
