@@ -123,18 +123,23 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None, series
     if min(squeezed) == 0:
         raise InputError(f"{path.name} has an empty dimension (shape {shape})")
     _check_memory(path, squeezed[:3])
+    if len(squeezed) == 4:
+        count = squeezed[3]
+        index = 0 if volume_index is None else volume_index
+        if not 0 <= index < count:
+            raise InputError(f"{path.name} has {count} volumes; choose a volume index from 0 to {count - 1}")
     try:
-        data = np.asarray(image.dataobj, dtype=None)
-        _check_gzip_end(path)
-        data = data.reshape(squeezed)
         if len(squeezed) == 4:
-            count = squeezed[3]
-            index = 0 if volume_index is None else volume_index
-            if not 0 <= index < count:
-                raise InputError(f"{path.name} has {count} volumes; choose a volume index from 0 to {count - 1}")
-            data = data[..., index]
+            # Only the volume used is read and scaled: the whole 128^3 x 200 file with scl_slope
+            # as float64 peaked at 4 GB for one 8 MiB volume.
+            data = np.asarray(image.dataobj[(slice(None),) * 3 + (index,) + (0,) * (len(shape) - 4)])
+            _check_gzip_end(path)
             notes.append(f"{path.name} is 4D with {count} volumes: using volume {index}")
-        elif len(squeezed) == 2:
+        else:
+            data = np.asarray(image.dataobj, dtype=None)
+            _check_gzip_end(path)
+            data = data.reshape(squeezed)
+        if len(squeezed) == 2:
             data = data[..., np.newaxis]
             notes.append(f"{path.name} is a 2D image: treated as a volume of one slice")
         data = _as_float32(path, data)
