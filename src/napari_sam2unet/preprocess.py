@@ -72,6 +72,9 @@ _CT_AIR_SHARE = 0.02
 # Body voxels from -500 to -200 HU: CT 4% (abdomen); the MR of msd_hippo_hippocampus_366 read
 # as HU + 1024, 23%.
 _CT_GAP_SHARE = 0.10
+# A float file read as HU + 1024 is CT only if its air's median is at most this (air is -1000 HU,
+# outside the field of view -1024); a dim MR background shifted down by 1024 sits higher.
+_CT_AIR_HU = -950.0
 
 
 def guess_modality(volume: np.ndarray) -> str:
@@ -98,7 +101,9 @@ def _hounsfield_offset(volume: np.ndarray) -> float | None:
             # Raw scanner integers are HU + 1024; a float file may be too (a resampled one),
             # but an MR shifted down by 1024 can then look like CT: its tissue fills the band
             # between lung and fat where CT holds only partial volumes.
-            if offset and not whole_numbers and np.mean((body >= -500) & (body < -200)) > _CT_GAP_SHARE:
+            # Its air must also lie at CT's air (about -1000 HU), not just below -850.
+            if offset and not whole_numbers and (np.mean((body >= -500) & (body < -200)) > _CT_GAP_SHARE
+                                                 or np.median(hu[hu < -850]) > _CT_AIR_HU):
                 continue
             return offset
     return None
