@@ -112,8 +112,8 @@ def test_cohort_matches_segment_reports_bad_cases_and_a_rerun_skips_the_finished
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == written  # nothing rewritten
 
 
-def test_a_changed_prompt_runs_its_case_again(shared_data, tmp_path, model):
-    mr = shared_data / MR
+def test_a_changed_prompt_runs_its_case_again(real_data, tmp_path, model):
+    mr = real_data / MR
     out = tmp_path / "out"
     for box, expected in (("10:20,20,60,60", "segmented"), ("10:20,20,60,60", "skipped"),
                           ("10:20,20,70,70", "segmented")):
@@ -136,7 +136,7 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 60) -> Non
         time.sleep(0.1)
 
 
-def test_batch_on_a_scheduler_started_separately_by_address(shared_data, tmp_path, model):
+def test_batch_on_a_scheduler_started_separately_by_address(real_data, tmp_path, model):
     info = tmp_path / "scheduler.json"
     scheduler = _dask("scheduler", "--scheduler-file", str(info), "--port", "0", "--no-dashboard",
                       log=tmp_path / "scheduler.log")
@@ -148,7 +148,7 @@ def test_batch_on_a_scheduler_started_separately_by_address(shared_data, tmp_pat
                        log=tmp_path / "worker.log")
         manifest = tmp_path / "cohort.json"
         manifest.write_text(json.dumps({"cases": [
-            {"case": "liver", "image": str(shared_data / MR), "boxes_from": str(shared_data / MR_SEG),
+            {"case": "liver", "image": str(real_data / MR), "boxes_from": str(real_data / MR_SEG),
              "label": LIVER}]}))
         out = tmp_path / "out"
         code = main(["batch", str(manifest), "--out-dir", str(out), "--scheduler", address, "--model", model, "-q"])
@@ -162,8 +162,8 @@ def test_batch_on_a_scheduler_started_separately_by_address(shared_data, tmp_pat
                 process.wait(timeout=60)
 
 
-def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(shared_data, tmp_path, model):
-    mr = shared_data / MR
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(real_data, tmp_path, model):
+    mr = real_data / MR
     rows = [{"case": f"mr{n:02d}", "image": str(mr), "box": f"{n % 20}:20,20,60,60"} for n in range(24)]
     manifest = _write_csv(tmp_path / "cohort.csv", rows)
     out = tmp_path / "out"
@@ -205,8 +205,8 @@ def _wait_for_any(out: Path, process: subprocess.Popen, seconds: float = 120) ->
         time.sleep(0.05)
 
 
-def test_manifest_mistakes_stop_before_anything_runs(shared_data, tmp_path, capsys, model):
-    image = str(shared_data / MR)
+def test_manifest_mistakes_stop_before_anything_runs(real_data, tmp_path, capsys, model):
+    image = str(real_data / MR)
     out = tmp_path / "out"
     cases = {
         "unknown column(s) boxes": "case,image,boxes\na,{0},1:2\n",
@@ -224,8 +224,8 @@ def test_manifest_mistakes_stop_before_anything_runs(shared_data, tmp_path, caps
     assert not out.exists()
 
 
-def test_without_dask_one_line_says_what_to_install(shared_data, tmp_path, capsys, monkeypatch, model):
-    manifest = _write_csv(tmp_path / "m.csv", [{"image": str(shared_data / MR)}])
+def test_without_dask_one_line_says_what_to_install(real_data, tmp_path, capsys, monkeypatch, model):
+    manifest = _write_csv(tmp_path / "m.csv", [{"image": str(real_data / MR)}])
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now raises ImportError
     assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--model", model]) == 2
     error = capsys.readouterr().err
@@ -241,9 +241,9 @@ def test_workers_times_threads_never_exceed_the_cores():
         plan_workers(2, 2, cores=2, cases=10)
 
 
-def test_boxes_from_a_label_map_cover_the_structure_on_every_slice_it_touches(shared_data):
-    seg = np.asarray(nib.load(str(shared_data / MR_SEG)).dataobj)
-    boxes = boxes_from_labels(shared_data / MR_SEG, LIVER, axis=2)
+def test_boxes_from_a_label_map_cover_the_structure_on_every_slice_it_touches(real_data):
+    seg = np.asarray(nib.load(str(real_data / MR_SEG)).dataobj)
+    boxes = boxes_from_labels(real_data / MR_SEG, LIVER, axis=2)
     assert [b.slice for b in boxes] == [k for k in range(seg.shape[2]) if (seg[:, :, k] == LIVER).any()]
     for box in boxes:
         rows, cols = np.nonzero(seg[:, :, box.slice] == LIVER)

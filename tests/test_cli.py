@@ -17,20 +17,20 @@ from napari_sam2unet.cli import main
 
 
 @pytest.fixture
-def mr(shared_data):
-    return shared_data / "totalseg" / "example_mr_sm.nii.gz"
+def mr(real_data):
+    return real_data / "totalseg" / "example_mr_sm.nii.gz"
 
 
-def _liver_box(shared_data, k=10):
+def _liver_box(real_data, k=10):
     """The liver's bounding box on slice k of the abdominal MRI, grown by 10%."""
-    seg = np.asarray(nib.load(str(shared_data / "totalseg" / "example_seg_mr.nii.gz")).dataobj)
+    seg = np.asarray(nib.load(str(real_data / "totalseg" / "example_seg_mr.nii.gz")).dataobj)
     rows, cols = np.nonzero(seg[:, :, k] == 5)
     return f"{k}:{rows.min() - 2},{cols.min() - 2},{rows.max() + 3},{cols.max() + 3}"
 
 
-def test_segment_the_liver_box_writes_labels_aligned_with_the_image(mr, shared_data, tmp_path, brightness_card):
+def test_segment_the_liver_box_writes_labels_aligned_with_the_image(mr, real_data, tmp_path, brightness_card):
     out = tmp_path / "liver.nii.gz"
-    code = main(["segment", str(mr), "--out", str(out), "--box", _liver_box(shared_data),
+    code = main(["segment", str(mr), "--out", str(out), "--box", _liver_box(real_data),
                  "--model", str(brightness_card.card_path), "--label", "5", "--quiet"])
     assert code == 0
     written, source = sitk.ReadImage(str(out)), sitk.ReadImage(str(mr))

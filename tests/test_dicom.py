@@ -92,9 +92,9 @@ def _ct_dataset(study: str, series: str, frame_of_reference: str, number: int) -
     return ds
 
 
-def ct_block(shared_data: Path) -> np.ndarray:
+def ct_block(real_data: Path) -> np.ndarray:
     """A crop of a real CT (TotalSegmentator's example) as stored values (HU + 1024)."""
-    image = nib.load(str(shared_data / "totalseg" / "example_ct_sm.nii.gz"))
+    image = nib.load(str(real_data / "totalseg" / "example_ct_sm.nii.gz"))
     return np.asarray(image.dataobj)[20:80, 15:65, 8:20].astype(np.int16) + 1024
 
 
@@ -148,8 +148,8 @@ def test_plain_ct_agrees_with_dcm2niix(dicom_data, tmp_path):
 
 @pytest.mark.parametrize("orientation", list(ORIENTATIONS))
 @pytest.mark.parametrize("descending", [False, True], ids=["ascending", "descending"])
-def test_written_series_agree_with_dcm2niix(shared_data, tmp_path, orientation, descending):
-    block = ct_block(shared_data)
+def test_written_series_agree_with_dcm2niix(real_data, tmp_path, orientation, descending):
+    block = ct_block(real_data)
     write_series(tmp_path / "series", block, orientation, descending)
     ours = read_volume(tmp_path / "series")
     # Sorted along the normal whatever the file names and instance numbers: dcm2niix's layout.
@@ -179,9 +179,9 @@ def test_tilted_uneven_head_ct_is_resampled_onto_the_acquired_positions(dicom_da
     np.testing.assert_array_equal(volume.data[:, :512, 0], stored.T[:, ::-1].astype(np.float32))
 
 
-def test_tilt_without_uneven_spacing_is_resampled_exactly(shared_data, tmp_path):
+def test_tilt_without_uneven_spacing_is_resampled_exactly(real_data, tmp_path):
     """A sheared stack of even slices: the resampled grid puts each acquired slice where it was."""
-    block = ct_block(shared_data)
+    block = ct_block(real_data)
     folder = tmp_path / "tilt"
     paths = write_series(folder, block)
     for k, path in enumerate(sorted(paths, key=lambda p: pydicom.dcmread(p).InstanceNumber)):
@@ -196,8 +196,8 @@ def test_tilt_without_uneven_spacing_is_resampled_exactly(shared_data, tmp_path)
         np.testing.assert_allclose(volume.data[:, rows, k], block[:, ::-1, k] - 1024.0, atol=1e-3)
 
 
-def test_rle_compressed_series_reads_like_the_uncompressed(shared_data, tmp_path):
-    block = ct_block(shared_data)
+def test_rle_compressed_series_reads_like_the_uncompressed(real_data, tmp_path):
+    block = ct_block(real_data)
     paths = write_series(tmp_path / "plain", block)
     for path in paths:
         ds = pydicom.dcmread(path)
@@ -207,9 +207,9 @@ def test_rle_compressed_series_reads_like_the_uncompressed(shared_data, tmp_path
     np.testing.assert_array_equal(read_volume(tmp_path / "plain").data, block[:, ::-1, :] - 1024.0)
 
 
-def test_enhanced_multiframe_object_reads_like_its_single_frames(shared_data, tmp_path):
+def test_enhanced_multiframe_object_reads_like_its_single_frames(real_data, tmp_path):
     hd = pytest.importorskip("highdicom")
-    block = ct_block(shared_data)
+    block = ct_block(real_data)
     paths = write_series(tmp_path / "single", block)
     legacy = [pydicom.dcmread(p) for p in paths]
     enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
@@ -223,8 +223,8 @@ def test_enhanced_multiframe_object_reads_like_its_single_frames(shared_data, tm
     assert multi.frames[0].frame is not None
 
 
-def test_several_series_are_listed_and_one_is_chosen(shared_data, tmp_path, capsys):
-    block = ct_block(shared_data)
+def test_several_series_are_listed_and_one_is_chosen(real_data, tmp_path, capsys):
+    block = ct_block(real_data)
     study = generate_uid()
     write_series(tmp_path / "study", block, series_number=3, study_uid=study)
     write_series(tmp_path / "study" / "sub", block[:, :, :6] + 100, series_number=4, study_uid=study)
@@ -300,16 +300,16 @@ def test_a_folder_without_dicom_is_refused(tmp_path, capsys, brightness_card):
     _refused(capsys, tmp_path, tmp_path / "notes", brightness_card, "holds no DICOM images (1 files looked at)")
 
 
-def test_mixed_series_without_a_choice_are_listed(shared_data, tmp_path, capsys, brightness_card):
-    block = ct_block(shared_data)
+def test_mixed_series_without_a_choice_are_listed(real_data, tmp_path, capsys, brightness_card):
+    block = ct_block(real_data)
     write_series(tmp_path / "mixed", block, series_number=3)
     write_series(tmp_path / "mixed", block[:, :, :5], series_number=5)
     _refused(capsys, tmp_path, tmp_path / "mixed", brightness_card, "choose one with --series NUMBER")
     _refused(capsys, tmp_path, tmp_path / "mixed", brightness_card, "no series 8 in", "seg.dcm", "--series", "8")
 
 
-def test_a_missing_slice_is_named(shared_data, tmp_path, capsys, brightness_card):
-    block = ct_block(shared_data)
+def test_a_missing_slice_is_named(real_data, tmp_path, capsys, brightness_card):
+    block = ct_block(real_data)
     names = [f"im{k:02d}.dcm" for k in range(12)]
     write_series(tmp_path / "gap", block, names=names)
     (tmp_path / "gap" / "im06.dcm").unlink()
@@ -317,15 +317,15 @@ def test_a_missing_slice_is_named(shared_data, tmp_path, capsys, brightness_card
              "1 slice missing in series 7 between im05.dcm and im07.dcm (5 mm apart, the others 2.5 mm)")
 
 
-def test_duplicate_positions_are_refused(shared_data, tmp_path, capsys, brightness_card):
-    block = ct_block(shared_data)
+def test_duplicate_positions_are_refused(real_data, tmp_path, capsys, brightness_card):
+    block = ct_block(real_data)
     write_series(tmp_path / "dup", block, positions=[0, 2.5, 5, 5, 7.5, 10, 12.5, 15, 17.5, 20, 22.5, 25])
     _refused(capsys, tmp_path, tmp_path / "dup", brightness_card, "lie at the same position")
 
 
-def test_other_orientations_or_sizes_within_a_series_are_refused(shared_data, tmp_path, capsys,
+def test_other_orientations_or_sizes_within_a_series_are_refused(real_data, tmp_path, capsys,
                                                                  brightness_card):
-    block = ct_block(shared_data)
+    block = ct_block(real_data)
     paths = write_series(tmp_path / "turned", block)
     ds = pydicom.dcmread(paths[3])
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
@@ -338,8 +338,8 @@ def test_other_orientations_or_sizes_within_a_series_are_refused(shared_data, tm
     _refused(capsys, tmp_path, tmp_path / "sized", brightness_card, "images of different sizes in series 7")
 
 
-def test_a_corrupt_file_among_good_ones_is_named(shared_data, tmp_path, capsys, brightness_card):
-    block = ct_block(shared_data)
+def test_a_corrupt_file_among_good_ones_is_named(real_data, tmp_path, capsys, brightness_card):
+    block = ct_block(real_data)
     names = [f"im{k:02d}.dcm" for k in range(12)]
     write_series(tmp_path / "cut", block, names=names)
     bad = tmp_path / "cut" / "im04.dcm"
@@ -349,14 +349,14 @@ def test_a_corrupt_file_among_good_ones_is_named(shared_data, tmp_path, capsys, 
     _refused(capsys, tmp_path, tmp_path / "cut", brightness_card, "im04.dcm in")
 
 
-def test_a_compression_without_its_codec_names_the_package(shared_data, tmp_path, capsys, brightness_card):
+def test_a_compression_without_its_codec_names_the_package(real_data, tmp_path, capsys, brightness_card):
     from pydicom.encaps import encapsulate
     from pydicom.pixels import get_decoder
     from pydicom.uid import JPEGLosslessSV1
 
     if get_decoder(JPEGLosslessSV1).is_available:
         pytest.skip("a JPEG Lossless decoder is installed here")
-    block = ct_block(shared_data)
+    block = ct_block(real_data)
     paths = write_series(tmp_path / "jpeg", block)
     for path in paths:
         ds = pydicom.dcmread(path)
@@ -368,8 +368,8 @@ def test_a_compression_without_its_codec_names_the_package(shared_data, tmp_path
              "and no decoder for it is installed: pip install python-gdcm or pip install pylibjpeg pylibjpeg-libjpeg")
 
 
-def test_dicom_seg_of_a_nifti_input_is_refused(shared_data, tmp_path, capsys, brightness_card):
-    _refused(capsys, tmp_path, shared_data / "totalseg" / "example_ct_sm.nii.gz", brightness_card,
+def test_dicom_seg_of_a_nifti_input_is_refused(real_data, tmp_path, capsys, brightness_card):
+    _refused(capsys, tmp_path, real_data / "totalseg" / "example_ct_sm.nii.gz", brightness_card,
              "a DICOM-SEG references the DICOM images it was made on, and example_ct_sm.nii.gz is not a DICOM series")
 
 
@@ -382,11 +382,11 @@ def _layer_meta(kwargs: dict, name: str = "labels") -> dict:
     return {"name": name, "metadata": {META_KEY: kwargs["metadata"][META_KEY]}}
 
 
-def test_napari_hooks_open_a_folder_and_save_dicom_seg(shared_data, tmp_path):
+def test_napari_hooks_open_a_folder_and_save_dicom_seg(real_data, tmp_path):
     from napari_sam2unet._reader import get_reader, read_dicom_layers
     from napari_sam2unet._writer import write_dicom_seg_layer, write_seg_nrrd_layer
 
-    block = ct_block(shared_data)
+    block = ct_block(real_data)
     write_series(tmp_path / "series", block)
     assert get_reader(str(tmp_path / "series")) is read_dicom_layers
     assert get_reader(str(tmp_path / "nothing.tif")) is None
@@ -419,9 +419,9 @@ def test_napari_opens_a_dicom_folder_and_saves_a_dicom_seg(dicom_data, make_napa
                                   np.transpose(labels[:, ::-1, :], (2, 1, 0)))
 
 
-def test_batch_reads_a_dicom_series_folder(shared_data, tmp_path, brightness_card):
+def test_batch_reads_a_dicom_series_folder(real_data, tmp_path, brightness_card):
     pytest.importorskip("distributed", reason="sam2unet batch needs the [cohort] extra")
-    write_series(tmp_path / "p001", ct_block(shared_data))
+    write_series(tmp_path / "p001", ct_block(real_data))
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(f'case,image,box\np001,{tmp_path / "p001"},"6:10,10,40,40"\n')
     command = ["batch", str(manifest), "-o", str(tmp_path / "out"), "--model", str(brightness_card.card_path),

@@ -32,14 +32,11 @@ from napari_sam2unet.models import (  # noqa: E402
     write_card,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # committed scans (tests/data/README.md)
 MR = DATA / "totalseg" / "example_mr_sm.nii.gz"
 MR_LABELS = DATA / "totalseg" / "example_seg_mr.nii.gz"
 LIVER = 5
 SIZE = 352
-needs_data = pytest.mark.skipif(
-    not MR.is_file(), reason=f"real test slices not found at {DATA} (clone shared/ beside the repo)"
-)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,8 +68,6 @@ def real_slices() -> tuple[torch.Tensor, torch.Tensor]:
 def trained():
     """A tiny SAM2-UNet trained for a few steps to segment the liver, so its masks are real
     shapes with confident logits rather than the noise of random weights."""
-    if not MR.is_file():
-        pytest.skip(f"real test slices not found at {DATA} (clone shared/ beside the repo)")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     image, target = real_slices()
@@ -108,7 +103,6 @@ def exported(trained, tmp_path_factory):
     return fp32, int8
 
 
-@needs_data
 def test_fp32_matches_torch_on_real_slices(trained, exported):
     _, image, logits = trained
     backend = OnnxBackend(load_card(exported[0]), threads=2)
@@ -118,7 +112,6 @@ def test_fp32_matches_torch_on_real_slices(trained, exported):
     assert dice(onnx_logits > 0, logits > 0) >= 0.99
 
 
-@needs_data
 def test_int8_close_to_fp32(trained, exported):
     _, image, logits = trained
     backend = OnnxBackend(load_card(exported[1]), threads=2)
@@ -143,7 +136,6 @@ def test_a_work_size_model_keeps_the_352_contract(tmp_path):
     assert np.abs(onnx_logits - logits).max() < 1e-3
 
 
-@needs_data
 def test_card_describes_the_file(exported):
     card = load_card(exported[0])
     card.verify()  # sha256 matches the file
@@ -155,7 +147,6 @@ def test_card_describes_the_file(exported):
     assert "int8" in load_card(exported[1]).raw["architecture"]["precision"]
 
 
-@needs_data
 def test_position_embedding_is_a_constant(exported):
     import onnx
 

@@ -31,6 +31,15 @@ def finetune_args(shared_data, out, *more):
             "--steps", "2", "--batch", "2", "--threads", "2", "--out", str(out), *more]
 
 
+SMALL = "cases/msd_hippo_hippocampus_366"  # committed (tests/data): label 1 on axial slices 5-19
+
+
+def small_args(real_data, out, *more):
+    return ["finetune", "--image", str(real_data / SMALL / "image.nii.gz"), "--labels",
+            str(real_data / SMALL / "label.nii.gz"), "--label", "1", "--slices", "8,12,16",
+            "--steps", "2", "--batch", "2", "--threads", "2", "--out", str(out), *more]
+
+
 def one_error_line(capsys, *words):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sam2unet: error:"), err
@@ -182,29 +191,29 @@ def test_without_a_models_folder_set_models_go_to_the_per_user_folder_that_is_se
     assert models.search_dirs()[:2] == [tmp_path / "elsewhere", user]
 
 
-def test_a_label_map_without_labelled_slices_is_refused(shared_data, tmp_path, capsys):
-    image = read_volume(shared_data / CASE / "image.nii.gz")
+def test_a_label_map_without_labelled_slices_is_refused(real_data, tmp_path, capsys):
+    image = read_volume(real_data / SMALL / "image.nii.gz")
     empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(image.data.shape, np.uint8), image.affine)
-    args = finetune_args(shared_data, tmp_path / "m.onnx")
+    args = small_args(real_data, tmp_path / "m.onnx")
     args[args.index("--labels") + 1] = str(empty)
     assert main(args) == 2
     one_error_line(capsys, "no labelled slice", "label the object")
     # slices that hold no label are refused too, naming the ones that do
-    args = finetune_args(shared_data, tmp_path / "m.onnx")
+    args = small_args(real_data, tmp_path / "m.onnx")
     args[args.index("--slices") + 1] = "40,41"
     assert main(args) == 2
-    one_error_line(capsys, "none of the slices [40, 41]", "labelled slices: 7, 8")
+    one_error_line(capsys, "none of the slices [40, 41]", "labelled slices: 5")
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_a_label_map_on_another_grid_is_refused(shared_data, tmp_path, capsys):
-    image = read_volume(shared_data / CASE / "image.nii.gz")
-    labels = np.asarray(read_volume(shared_data / CASE / "label.nii.gz").data).astype(np.uint8)
-    args = finetune_args(shared_data, tmp_path / "m.onnx")
-    other = write_nifti(tmp_path / "other.nii.gz", labels[:, :, :40], image.affine)
+def test_a_label_map_on_another_grid_is_refused(real_data, tmp_path, capsys):
+    image = read_volume(real_data / SMALL / "image.nii.gz")
+    labels = np.asarray(read_volume(real_data / SMALL / "label.nii.gz").data).astype(np.uint8)
+    args = small_args(real_data, tmp_path / "m.onnx")
+    other = write_nifti(tmp_path / "other.nii.gz", labels[:, :, :20], image.affine)
     args[args.index("--labels") + 1] = str(other)
     assert main(args) == 2
-    one_error_line(capsys, "78x110x40", "78x110x64", "same voxel grid")
+    one_error_line(capsys, "37x47x20", "37x47x34", "same voxel grid")
     shifted = image.affine.copy()
     shifted[:3, 3] += 12.0
     moved = write_nifti(tmp_path / "moved.nii.gz", labels, shifted)
@@ -213,17 +222,17 @@ def test_a_label_map_on_another_grid_is_refused(shared_data, tmp_path, capsys):
     one_error_line(capsys, "another grid", "resample")
 
 
-def test_a_model_without_trainable_weights_is_refused(shared_data, tmp_path, capsys):
+def test_a_model_without_trainable_weights_is_refused(real_data, tmp_path, capsys):
     card = write_test_card(build_brightness_model(tmp_path / "bright.onnx"))
-    assert main(finetune_args(shared_data, tmp_path / "m.onnx", "--base", str(card.file))) == 2
+    assert main(small_args(real_data, tmp_path / "m.onnx", "--base", str(card.file))) == 2
     one_error_line(capsys, "bright has no trainable weights", "--base")
 
 
-def test_without_torch_one_line_says_what_to_install(shared_data, tmp_path):
+def test_without_torch_one_line_says_what_to_install(real_data, tmp_path):
     # torch made unimportable in a fresh interpreter, as on an install without the [train] extra
     code = ("import sys; sys.modules['torch'] = None\n"
             "from napari_sam2unet.cli import main\n"
-            f"sys.exit(main({finetune_args(shared_data, tmp_path / 'm.onnx')!r}))")
+            f"sys.exit(main({small_args(real_data, tmp_path / 'm.onnx')!r}))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [

@@ -44,9 +44,9 @@ def test_every_shared_volume_round_trips_with_itk_geometry(shared_data, tmp_path
         assert back.header["qform_code"] == volume.header["qform_code"]
 
 
-def test_reading_keeps_intensities_and_orientation(shared_data):
-    volume = read_volume(shared_data / "totalseg" / "example_mr_sm.nii.gz")
-    raw = nib.load(str(shared_data / "totalseg" / "example_mr_sm.nii.gz"))
+def test_reading_keeps_intensities_and_orientation(real_data):
+    volume = read_volume(real_data / "totalseg" / "example_mr_sm.nii.gz")
+    raw = nib.load(str(real_data / "totalseg" / "example_mr_sm.nii.gz"))
     np.testing.assert_allclose(volume.data, raw.get_fdata(), rtol=1e-6)
     assert volume.orientation == "".join(nib.aff2axcodes(raw.affine)) == "LPS"
     assert volume.spacing == (3.0, 3.0, 3.0)
@@ -104,8 +104,8 @@ def test_unreadable_files_get_a_clear_message(tmp_path, make, message):
         read_volume(path)
 
 
-def test_truncated_file_is_reported_as_truncated(shared_data, tmp_path):
-    whole = (shared_data / "totalseg" / "example_mr_sm.nii.gz").read_bytes()
+def test_truncated_file_is_reported_as_truncated(real_data, tmp_path):
+    whole = (real_data / "totalseg" / "example_mr_sm.nii.gz").read_bytes()
     path = tmp_path / "cut.nii.gz"
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(InputError, match="truncated or corrupt|cannot read"):

@@ -18,10 +18,10 @@ from napari_sam2unet.training import datasets  # noqa: E402
 from napari_sam2unet.training import sources as tsources  # noqa: E402
 
 
-def _small_data(shared_data) -> list[str]:
-    """Two small real cases: one to train on, one to validate on."""
-    cases = shared_data / "cases"
-    return ["--data", str(cases / "itksnap_mricrop_brain"), "--val-data", str(cases / "mial_fetal_brain_run1")]
+def _small_data(real_data) -> list[str]:
+    """Two small real cases, committed (tests/data): one to train on, one to validate on."""
+    cases = real_data / "cases"
+    return ["--data", str(cases / "msd_hippo_hippocampus_366"), "--val-data", str(cases / "msd_hippo_hippocampus_001")]
 
 
 def test_training_crops_show_a_boxed_structure_framed_in_many_ways(shared_data):
@@ -55,9 +55,9 @@ def test_the_bundled_manifest_splits_by_patient_and_trains_only_on_shippable_lic
     assert not patients["validation"] & patients["test"]
 
 
-def test_short_run_resumes_and_exports_a_model_the_engine_runs(shared_data, tmp_path):
+def test_short_run_resumes_and_exports_a_model_the_engine_runs(real_data, tmp_path):
     out = tmp_path / "run"
-    common = ["train", "--config", "compact_s", *_small_data(shared_data), "--out-dir", str(out),
+    common = ["train", "--config", "compact_s", *_small_data(real_data), "--out-dir", str(out),
               "--size", "64", "--batch", "2", "--val-crops", "4", "--val-every", "2", "--log-every", "2",
               "--warmup", "1", "--threads", "2"]
     assert main([*common, "--steps", "2", "--workers", "2"]) == 0  # two crop processes, as on a GPU
@@ -100,8 +100,8 @@ def test_a_typo_in_the_config_is_one_line(tmp_path, capsys):
     assert "unknown --config 'compcat'" in capsys.readouterr().err
 
 
-def test_a_run_distils_from_a_teacher_run(shared_data, tmp_path):
-    common = ["train", "--config", "compact_s", *_small_data(shared_data), "--size", "64", "--batch", "2",
+def test_a_run_distils_from_a_teacher_run(real_data, tmp_path):
+    common = ["train", "--config", "compact_s", *_small_data(real_data), "--size", "64", "--batch", "2",
               "--val-crops", "4", "--val-every", "2", "--log-every", "2", "--warmup", "1", "--threads", "2",
               "--steps", "2"]
     assert main([*common, "--arch", "unet", "--out-dir", str(tmp_path / "teacher")]) == 0
@@ -124,11 +124,11 @@ def test_a_run_distils_from_a_teacher_run(shared_data, tmp_path):
         ("fractional", "fractional values"),
     ],
 )
-def test_bad_training_data_stops_with_a_clear_message(shared_data, tmp_path, capsys, broken, message):
+def test_bad_training_data_stops_with_a_clear_message(real_data, tmp_path, capsys, broken, message):
     # a real case folder whose label map is missing, on another grid, empty or fractional
     case = tmp_path / "data" / "brain"
     case.mkdir(parents=True)
-    source = shared_data / "cases" / "itksnap_mricrop_brain"
+    source = real_data / "cases" / "msd_hippo_hippocampus_366"
     (case / "image.nii.gz").symlink_to(source / "image.nii.gz")
     shape = nib.load(str(source / "image.nii.gz")).shape
     if broken == "wrong grid":
@@ -138,16 +138,16 @@ def test_bad_training_data_stops_with_a_clear_message(shared_data, tmp_path, cap
     elif broken == "fractional":
         write_nifti(case / "label.nii.gz", np.full(shape, 0.5, np.float32))
     out = tmp_path / "run"
-    val = ["--val-data", str(shared_data / "cases" / "mial_fetal_brain_run1")]
+    val = ["--val-data", str(real_data / "cases" / "msd_hippo_hippocampus_001")]
     assert main(["train", "--data", str(tmp_path / "data"), *val, "--out-dir", str(out), "--steps", "1"]) == 2
     error = capsys.readouterr().err
     assert message in error and "brain" in error
     assert not (out / "last.pt").exists()
 
 
-def test_a_checkpoint_holds_no_functions_and_is_written_whole(shared_data, tmp_path):
+def test_a_checkpoint_holds_no_functions_and_is_written_whole(real_data, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--config", "compact_s", *_small_data(shared_data), "--out-dir", str(out), "--size", "64",
+    assert main(["train", "--config", "compact_s", *_small_data(real_data), "--out-dir", str(out), "--size", "64",
                  "--batch", "2", "--val-crops", "4", "--val-every", "3", "--log-every", "2", "--warmup", "1",
                  "--threads", "2", "--steps", "3"]) == 0
     # validation ran at step 3 although 3 is not a multiple of --log-every
