@@ -110,9 +110,14 @@ def _hounsfield_offset(volume: np.ndarray) -> float | None:
 
 
 def _sample(volume: np.ndarray) -> np.ndarray:
-    flat = np.asarray(volume).reshape(-1)
-    step = max(1, flat.size // _PERCENTILE_SAMPLES)
-    return flat[::step].astype(np.float32)
+    """About _PERCENTILE_SAMPLES voxels as float32, without copying the volume: reshape(-1) of a
+    Fortran-ordered array (as nibabel gives) copied it whole, 11 of 16 s on 512x512x400."""
+    volume = np.asarray(volume)
+    step = max(1, volume.size // _PERCENTILE_SAMPLES)
+    if volume.flags.c_contiguous or volume.flags.f_contiguous:
+        return volume.ravel(order="K")[::step].astype(np.float32)  # a view in memory order
+    each = math.ceil(step ** (1 / max(1, volume.ndim)))  # a strided view: a lattice of voxels
+    return volume[(slice(None, None, each),) * volume.ndim].astype(np.float32).reshape(-1)
 
 
 def plan_views(volume: np.ndarray, window: str = "auto", channels: str = "replicate") -> tuple[View, View, View]:
