@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import math
+import os
 import platform
 import shlex
 import signal
@@ -31,8 +32,17 @@ _EXTRA_COMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line and the hint, not ten lines of usage (subcommands inherit it)."""
+
+    def error(self, message: str):
+        if message.startswith("argument") and "expected one argument" in message:
+            message += "; a value that starts with '-' needs '=', e.g. --window=-160:240"
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam2unet", description="Segment MRI and CT volumes with SAM2-UNet.")
+    parser = _Parser(prog="sam2unet", description="Segment MRI and CT volumes with SAM2-UNet.")
     parser.add_argument("--version", action="version", version=f"napari-sam2unet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -102,7 +112,11 @@ def run_segment(args: argparse.Namespace) -> int:
     check_threads(args.threads)  # shared with finetune and train
     prompts = Prompts([parse_box(b) for b in args.box], [parse_point(p) for p in args.point])
     _check_finite_prompts(args.box, prompts.boxes, args.point, prompts.points)
+    if args.scope in ("slices", "between", "propagate") and not prompts:
+        raise Sam2UnetError(f"--scope {args.scope} starts from prompts: give a --box or --point "
+                            f"(or --scope auto to segment every slice)")
     volume = read_volume(args.image, args.volume_index, series=args.series)
+    prompts.validate(volume.data.shape, args.axis)  # a slice out of range is said before the model loads
     prior = _read_prior(args, volume, prompts)
     # Fail before minutes of work, not after: existing files, the sidecar, a folder we cannot write.
     check_output(args.out, volume, args.overwrite, sidecar=not args.no_sidecar)
@@ -284,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except Sam2UnetError as error:
         print(f"sam2unet: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sam2unet info | head -3`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -24,6 +24,7 @@ from ..errors import ModelError
 
 SIZE = 352
 MIN_DICE = 0.97
+EXACT = 1e-3  # a largest logit difference this share of the logits' spread is the same model
 # Calibration and parity slices come from different positions of the same scans.
 CALIBRATION_SLICES = 8
 PARITY_SLICES = 4
@@ -418,18 +419,40 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def parity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Masks of a candidate's logits against the reference's: at the card's threshold (logit 0)
-    and at the reference's median logit (half the pixels: a model with random weights puts no
-    object anywhere, and agreement on two empty masks proves nothing). `dice` is the lower."""
-    cut = float(np.median(reference))
-    at_zero = dice(candidate > 0, reference > 0)
-    at_median = dice(candidate > cut, reference > cut)
+    """A candidate's logits against the reference's. `relative_logit_diff`: the largest
+    difference over the logits' spread (1st to 99th percentile), so that a graph computing the
+    same numbers passes even when a checkpoint's logits are nearly constant (its own fp32 graph,
+    5.6e-9 apart, once failed every Dice). Masks at the card's threshold (logit 0) and at the
+    reference's median (half the pixels: a model with random weights puts no object anywhere),
+    scored only where the reference's mask is defined: pixels further from the cut than float32
+    noise. `dice` is the lower; NaN where neither cut shows an object."""
+    diff = float(np.abs(candidate - reference).max())
+    low, high = np.percentile(reference, [1, 99])
+    noise = 1e-5 * (1.0 + float(np.abs(reference).max()))  # float32 rounding through a deep graph
+    scores = [_defined_dice(candidate, reference, cut, noise) for cut in (0.0, float(np.median(reference)))]
+    known = [d for d in scores if d == d]
     return {
-        "dice": min(at_zero, at_median),
-        "dice_at_threshold": at_zero,
-        "dice_at_median": at_median,
-        "max_abs_logit_diff": float(np.abs(candidate - reference).max()),
+        "dice": min(known) if known else float("nan"),
+        "dice_at_threshold": scores[0],
+        "dice_at_median": scores[1],
+        "max_abs_logit_diff": diff,
+        # the spread, but never below what float32 rounding explains (noise / EXACT)
+        "relative_logit_diff": diff / max(float(high - low), noise / EXACT),
     }
+
+
+def _defined_dice(candidate: np.ndarray, reference: np.ndarray, cut: float, noise: float) -> float:
+    defined = np.abs(reference - cut) > noise
+    a, b = candidate[defined] > cut, reference[defined] > cut
+    if not (a.any() or b.any()):  # two empty masks prove nothing
+        return float("nan")
+    return dice(a, b)
+
+
+def passes(check: dict[str, float], min_dice: float = MIN_DICE) -> bool:
+    """Exact (logits within EXACT of their spread), or masks agreeing at Dice >= min_dice."""
+    dice_ = check["dice"]
+    return check["relative_logit_diff"] <= EXACT or (dice_ is not None and dice_ >= min_dice)
 
 
 # --- the whole step ------------------------------------------------------------------------
@@ -525,7 +548,7 @@ def optimize_graph(
             name: {"ms_per_slice": round(1000 * float(np.median(took)), 1), **checks[name]}
             for name, took in zip(graphs, times)
         }
-        passing = [n for n in graphs if tried[n]["dice"] >= min_dice]
+        passing = [n for n in graphs if passes(tried[n], min_dice)]
         if not passing:
             raise ModelError(f"no optimised graph agrees with fp32 torch (Dice {tried}); export without --optimize")
         best = min(passing, key=lambda n: tried[n]["ms_per_slice"])
@@ -542,5 +565,6 @@ def optimize_graph(
     }
 
 
-def _rounded(values: dict[str, float]) -> dict[str, float]:
-    return {k: float(f"{v:.4g}") for k, v in values.items()}
+def _rounded(values: dict[str, float]) -> dict[str, float | None]:
+    """4 significant digits; NaN (no pixel where a mask is defined) as None, valid in any card."""
+    return {k: float(f"{v:.4g}") if v == v else None for k, v in values.items()}

@@ -727,6 +727,7 @@ def check_args(args) -> None:
 
 def run_train(args) -> int:
     check_args(args)
+    require_torch("training", "train")  # one line saying what to install, before modeling imports torch
     if args.arch == "sam2unet":
         from ..modeling.configs import CONFIGS
 

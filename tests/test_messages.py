@@ -1,0 +1,71 @@
+"""Crashes and messages of issue 25: one line, the right exit code, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from napari_sam2unet.cli import main
+
+MR = os.path.join(os.path.dirname(__file__), "data", "totalseg", "example_mr_sm.nii.gz")  # 117x91x20
+_CLI = [sys.executable, "-c", "import sys; from napari_sam2unet.cli import main; sys.exit(main())"]
+
+
+def _one_line(text: str, *words: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in text, text
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def test_usage_mistakes_are_one_line_with_the_help_hint(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["segment", MR, "--out", "x.nii.gz", "--bogus"])
+    assert stopped.value.code == 2
+    _one_line(capsys.readouterr().err, "unrecognized arguments: --bogus", "--help`")
+    with pytest.raises(SystemExit):
+        main(["segment", MR, "--out", "x.nii.gz", "--window", "-160:240"])
+    _one_line(capsys.readouterr().err, "--window", "--window=-160:240")
+
+
+def test_a_slice_out_of_range_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import napari_sam2unet.models as models
+
+    monkeypatch.setattr(models, "find_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out.nii.gz"
+    assert main(["segment", MR, "--out", str(out), "--box", "25:10,10,40,40"]) == 2
+    _one_line(capsys.readouterr().err, "slice 25", "0 to 19")
+    assert main(["segment", MR, "--out", str(out), "--point", "5:500,10"]) == 2
+    _one_line(capsys.readouterr().err, "outside the slice")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("scope", ["propagate", "between", "slices"])
+def test_a_scope_that_starts_from_prompts_needs_one(tmp_path, capsys, scope):
+    out = tmp_path / "out.nii.gz"
+    assert main(["segment", MR, "--out", str(out), "--scope", scope]) == 2
+    _one_line(capsys.readouterr().err, f"--scope {scope}", "--box")
+    assert not out.exists()
+
+
+def test_info_into_a_pipe_closed_early_exits_quietly():
+    """`sam2unet info | head -1`: no BrokenPipeError traceback."""
+    info = subprocess.Popen([*_CLI, "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    info.stdout.readline()
+    info.stdout.close()  # head has what it wanted
+    err = info.stderr.read().decode()
+    assert info.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_train_without_torch_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from napari_sam2unet.cli import main\n"
+            f"sys.exit(main(['train', '--out-dir', {str(tmp_path / 'run')!r}, '--steps', '1']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    _one_line(run.stderr, "training needs PyTorch", "[train]")
+    assert not (tmp_path / "run").exists()
