@@ -69,3 +69,30 @@ def test_train_without_torch_says_what_to_install(tmp_path):
     assert run.returncode == 2
     _one_line(run.stderr, "training needs PyTorch", "[train]")
     assert not (tmp_path / "run").exists()
+
+
+def test_cards_by_name_in_yml_an_upper_case_onnx_and_duplicate_names(tmp_path, monkeypatch):
+    """A `.yml` card is found by name; `x.ONNX` is a model, not a card to decode; two cards of
+    one name in a folder say which is used (they resolved silently)."""
+    import shutil
+    import warnings
+
+    from conftest import build_brightness_model, write_test_card
+
+    from napari_sam2unet.models import ModelCardWarning, find_model, load_card
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    card = write_test_card(build_brightness_model(folder / "bright.onnx"))
+    card.card_path.rename(folder / "bright.yml")
+    monkeypatch.setenv("SAM2UNET_MODELS", str(folder))
+    assert find_model("bright").file == folder / "bright.onnx"
+    upper = tmp_path / "plain.ONNX"
+    shutil.copy(folder / "bright.onnx", upper)
+    assert load_card(upper).file == upper and find_model(str(upper)).name == "plain"
+    shutil.copy(folder / "bright.yml", folder / "bright-copy.yaml")  # names the same model: bright
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_model("bright").card_path == folder / "bright-copy.yaml"  # sorted: the first
+    said = [str(w.message) for w in caught if issubclass(w.category, ModelCardWarning)]
+    assert len(said) == 1 and "bright.yml" in said[0] and "'bright'" in said[0], said

@@ -294,7 +294,7 @@ def load_card(path: str | os.PathLike) -> ModelCard:
     if path.suffix.lower() not in (".onnx", *_CARD_SUFFIXES):
         raise ModelError(f"{path.name} is not a model: give a .onnx file, its .yaml card, or a model name "
                          f"(`sam2unet models` lists them)")
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":  # x.ONNX too: its card is x.yaml
         card_path = path.with_suffix(".yaml")
         if not card_path.is_file():
             if not path.is_file():
@@ -380,13 +380,16 @@ def list_models() -> list[ModelCard]:
     for folder in search_dirs():
         if not folder.is_dir():
             continue
-        for card_path in sorted(folder.glob("*.yaml")):
+        for card_path in sorted(p for p in folder.iterdir() if p.suffix.lower() in _CARD_SUFFIXES):
             try:
                 card = load_card(card_path)
             except ModelError as error:  # one bad card must not hide the others
                 warnings.warn(f"skipped: {error}", ModelCardWarning, stacklevel=2)
                 continue
-            cards.setdefault(card.name, card)
+            first = cards.setdefault(card.name, card)
+            if first is not card and first.card_path is not None and first.card_path.parent == folder:
+                warnings.warn(f"two cards in {folder} name the model {card.name!r}: using {first.card_path.name}, "
+                              f"skipped {card_path.name}; rename one (its `name:`)", ModelCardWarning, stacklevel=2)
     return list(cards.values())
 
 
@@ -394,7 +397,7 @@ def find_model(name_or_path: str | os.PathLike | None = None, verify: bool = Tru
     """A model by name (from the search folders) or by path to a .onnx or .yaml file."""
     target = name_or_path or DEFAULT_MODEL
     as_path = Path(target).expanduser()
-    if as_path.suffix in (".onnx", ".yaml", ".yml") or as_path.exists():
+    if as_path.suffix.lower() in (".onnx", *_CARD_SUFFIXES) or as_path.exists():
         card = load_card(as_path)
     else:
         cards = list_models()
