@@ -172,7 +172,7 @@ def test_defect6_save_writes_nifti_and_label_files_beside_the_image(qtbot, ball,
         asked.append((default, types))
         return str(tmp_path / "typed_without_type"), types.split(";;")[0]
 
-    monkeypatch.setattr("napari_sam2unet._widget.QFileDialog.getSaveFileName", dialog)
+    monkeypatch.setattr("napari_sam2unet._save_labels.QFileDialog.getSaveFileName", dialog)
     widget.save_button.changed.emit(True)
     (default, types), = asked
     assert default == str(tmp_path / "ball_labels.nii.gz") and "NIfTI" in types

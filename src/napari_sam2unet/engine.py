@@ -159,6 +159,7 @@ class Engine:
         self._cache: dict[tuple, np.ndarray] = {}
         self._data: np.ndarray | None = None
         self._volume_token = object()
+        self._source = None  # the array and settings of the last use_volume
         self.propagate_min_overlap = PROPAGATE_MIN_OVERLAP
         self.propagate_check = PROPAGATE_CHECK
         self.chain_between = CHAIN_BETWEEN
@@ -178,6 +179,7 @@ class Engine:
         replace_nonfinite: bool = False,
     ) -> None:
         """Choose the volume, its voxel sizes, the slice axis and the intensity window (once per volume)."""
+        self._source = None
         _check_spacing(spacing)
         data = np.asarray(data)
         if data.ndim != 3:
@@ -196,6 +198,24 @@ class Engine:
         self.spacing = tuple(float(s) for s in spacing)
         self.axis = axis
         self.views: tuple[View, View, View] = plan_views(data, window, self.card.input.channels)
+
+    def use_volume(
+        self,
+        data: np.ndarray,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        axis: int = 2,
+        window: str = "auto",
+        replace_nonfinite: bool = False,
+    ) -> bool:
+        """``set_volume`` unless this very array is already set the same way (its views and the
+        cache stay); True when the volume was (re)set."""
+        settings = (tuple(float(s) for s in spacing), axis, window, replace_nonfinite)
+        source = self._source
+        if source is not None and source[0] is data and source[1] == settings:
+            return False
+        self.set_volume(data, spacing=spacing, axis=axis, window=window, replace_nonfinite=replace_nonfinite)
+        self._source = (data, settings)
+        return True
 
     @property
     def key(self) -> tuple:
