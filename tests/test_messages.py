@@ -96,3 +96,17 @@ def test_cards_by_name_in_yml_an_upper_case_onnx_and_duplicate_names(tmp_path, m
         assert find_model("bright").card_path == folder / "bright-copy.yaml"  # sorted: the first
     said = [str(w.message) for w in caught if issubclass(w.category, ModelCardWarning)]
     assert len(said) == 1 and "bright.yml" in said[0] and "'bright'" in said[0], said
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches any folder; test_unprivileged.py runs this as nobody")
+def test_an_input_in_a_folder_the_user_cannot_search_says_permission(tmp_path, capsys):
+    folder = tmp_path / "closed"
+    folder.mkdir()
+    (folder / "scan.nii.gz").write_bytes(open(MR, "rb").read())
+    folder.chmod(0o600)  # readable names, but not searchable
+    try:
+        assert main(["segment", str(folder / "scan.nii.gz"), "--out", str(tmp_path / "out.nii.gz")]) == 2
+    finally:
+        folder.chmod(0o700)
+    _one_line(capsys.readouterr().err, "permission denied")
+    assert not (tmp_path / "out.nii.gz").exists()

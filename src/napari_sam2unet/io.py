@@ -108,7 +108,10 @@ def read_volume(path: str | os.PathLike, volume_index: int | None = None, series
 
         if is_dicom_input(path):
             return read_dicom(path, series)
-    _check_input_path(path)
+    try:
+        _check_input_path(path)
+    except PermissionError as error:  # a folder on the way that the user may not search
+        raise InputError(_os_error_text(f"cannot read {path}", error, "check the folders' permissions")) from None
     image = _load(path)
     shape = tuple(int(n) for n in image.shape)
     _check_voxel_type(path, image.get_data_dtype())
@@ -193,6 +196,7 @@ def _check_input_path(path: Path) -> None:
 
 def _load(path: Path) -> nib.Nifti1Image:
     try:
+        open(path, "rb").close()  # nibabel calls a file it may not read "not NIfTI"
         image = nib.load(str(path))
     except OSError as error:  # permissions, I/O: the file may well be complete
         raise InputError(_os_error_text(f"cannot read {path.name}", error, "check the file's permissions")) from None
