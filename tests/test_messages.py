@@ -110,3 +110,15 @@ def test_an_input_in_a_folder_the_user_cannot_search_says_permission(tmp_path, c
         folder.chmod(0o700)
     _one_line(capsys.readouterr().err, "permission denied")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_no_help_text_shows_a_doubled_percent_sign(capsys):
+    """`eval --help` printed "10%%": argparse halves %% in help= but not in description=."""
+    from napari_sam2unet.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name in commands.choices:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert "%%" not in capsys.readouterr().out, name

@@ -337,7 +337,7 @@ def add_eval_parser(subparsers) -> None:
         "eval",
         help="3D Dice per structure on held-out scans as users prompt (boxes, corrective clicks, clicks alone), "
         "against an Otsu-in-box baseline",
-        description="Boxes come from each structure's reference outline on every slice (enlarged by 10%%, "
+        description="Boxes come from each structure's reference outline on every slice (enlarged by 10%, "
         "and a jittered variant); clicks go to the middle of the structure or of the largest error; every "
         "model segments through the engine, and the classical baseline segments the same boxes.",
     )
