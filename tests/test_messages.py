@@ -122,3 +122,16 @@ def test_no_help_text_shows_a_doubled_percent_sign(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         assert "%%" not in capsys.readouterr().out, name
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("empty.csv", "", "no 'image' column"),
+    ("m.json", '[{"image": "a.nii.gz", "box": 5}]', '"box" must be text'),
+    ("m.json", '[{"image": "a.nii.gz", "point": [3]}]', '"point" must be text'),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nests its JSON too deeply"),
+])
+def test_batch_manifest_mistakes_are_one_line(tmp_path, capsys, name, content, words):
+    (tmp_path / name).write_text(content)
+    assert main(["batch", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 2
+    _one_line(capsys.readouterr().err, words)
+    assert not (tmp_path / "out").exists()

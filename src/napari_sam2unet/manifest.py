@@ -98,9 +98,10 @@ def _csv_rows(path: Path) -> list[dict[str, Any]]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
+            columns = reader.fieldnames or []  # read while open: an empty file has none
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read manifest {path.name} ({error}); save it as UTF-8 CSV") from None
-    _check_columns(reader.fieldnames or [], path)
+    _check_columns(columns, path)
     for number, row in enumerate(rows, start=1):
         if None in row:  # DictReader's key for cells beyond the header
             raise InputError(f"manifest {path.name} row {number} has more cells than columns; quote cells that "
@@ -117,14 +118,19 @@ def _json_rows(path: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise InputError(f"cannot read manifest {path.name} as JSON ({error}); check its syntax") from None
+    except RecursionError:
+        raise InputError(f"manifest {path.name} nests its JSON too deeply; give a list of cases") from None
     rows = data.get("cases") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise InputError(f"manifest {path.name} must hold a list of cases (objects), or {{\"cases\": [...]}}")
     _check_columns(sorted({key for row in rows for key in row}), path)
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         for column in ("box", "point"):
             value = row.get(column) or []
-            row[column] = [value] if isinstance(value, str) else [str(v) for v in value]
+            if not isinstance(value, (str, list)) or not all(isinstance(v, str) for v in value):
+                raise InputError(f"manifest {path.name} case {number}: \"{column}\" must be text like "
+                                 f"\"10:40,52,80,96\" or a list of such texts, not {json.dumps(value)[:40]}")
+            row[column] = [value] if isinstance(value, str) else list(value)
     return rows
 
 
