@@ -21,16 +21,6 @@ from napari_sam2unet.prompts import Box, Prompts  # noqa: E402
 from napari_sam2unet.training import finetune as ft  # noqa: E402
 from napari_sam2unet.training.onnx_weights import TOLERANCE, model_from_onnx  # noqa: E402
 
-CASE = "cases/itksnap_mricrop_brain"
-HIPPOCAMPUS = "4"  # right hippocampus, on axial slices 7-29 of the ITK-SNAP crop
-
-
-def finetune_args(shared_data, out, *more):
-    return ["finetune", "--image", str(shared_data / CASE / "image.nii.gz"), "--labels",
-            str(shared_data / CASE / "label.nii.gz"), "--label", HIPPOCAMPUS, "--slices", "12,18,24",
-            "--steps", "2", "--batch", "2", "--threads", "2", "--out", str(out), *more]
-
-
 SMALL = "cases/msd_hippo_hippocampus_366"  # committed (tests/data): label 1 on axial slices 5-19
 
 
@@ -60,11 +50,11 @@ def test_weights_rebuilt_from_the_bundled_onnx_give_its_outputs():
     assert len({id(p) for p in ft.trainable(model, "trained")}) > len(chosen)
 
 
-def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data, tmp_path, monkeypatch, capsys):
+def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(real_data, tmp_path, monkeypatch, capsys):
     models = tmp_path / "models"
     monkeypatch.setenv("SAM2UNET_MODELS", str(models))
     out = models / "hippo-ft.onnx"
-    args = finetune_args(shared_data, out, "--name", "hippo-ft")
+    args = small_args(real_data, out, "--name", "hippo-ft")
 
     # Ctrl-C during training: exit 130, no model and no temporary folder left
     calls = []
@@ -107,26 +97,26 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(shared_data
     info = card.raw["finetune"]
     base = find_model()
     assert info["base"]["name"] == base.name and info["base"]["sha256"] == base.sha256
-    assert info["data"]["slices"] == [12, 18, 24] and info["data"]["labels"] == [4] and info["steps"] == 2
+    assert info["data"]["slices"] == [8, 12, 16] and info["data"]["labels"] == [1] and info["steps"] == 2
     files = {entry["file"]: entry["sha256"] for entry in info["data"]["files"]}
-    assert files[str(shared_data / CASE / "label.nii.gz")] == sha256_file(shared_data / CASE / "label.nii.gz")
+    assert files[str(real_data / SMALL / "label.nii.gz")] == sha256_file(real_data / SMALL / "label.nii.gz")
     assert len(info["data"]["data_sha256"]) == 64
     validation = info["validation"]
-    assert validation["crops"] == 20  # the labelled slices 7-29 not trained on
+    assert validation["crops"] == 12  # the labelled slices 5-19 not trained on
     assert 0 <= validation["dice_before"] <= 1 and 0 <= validation["dice_after"] <= 1
     assert card.input == base.input and card.threshold == base.threshold
     assert info["written"].startswith("weights written into the base graph")  # no second export
 
     # the engine runs the new model: a box on an unlabelled slice gives a mask inside it
-    volume = read_volume(shared_data / CASE / "image.nii.gz")
-    truth = read_volume(shared_data / CASE / "label.nii.gz").data[:, :, 20] == 4
+    volume = read_volume(real_data / SMALL / "image.nii.gz")
+    truth = read_volume(real_data / SMALL / "label.nii.gz").data[:, :, 10] == 1
     rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
-    box = Box(20, rows[0] - 2, cols[0] - 2, rows[-1] + 3, cols[-1] + 3)
+    box = Box(10, rows[0] - 2, cols[0] - 2, rows[-1] + 3, cols[-1] + 3)
     backend, _ = open_backend(card, "cpu", threads=1)
     with backend:
         engine = Engine(backend)
         engine.set_volume(volume.data, volume.spacing, 2)
-        mask = engine.segment(Prompts(boxes=[box]), scope="slices").mask[:, :, 20]
+        mask = engine.segment(Prompts(boxes=[box]), scope="slices").mask[:, :, 10]
     assert mask.any()
 
     # the new model can be fine-tuned again: its weights come back from its own ONNX file
@@ -159,12 +149,12 @@ def test_trained_weights_written_into_the_base_graph_are_the_models(tmp_path):
     assert float((got - want).abs().max()) < TOLERANCE * max(1.0, float(want.abs().max()))
 
 
-def test_exact_crops_are_framed_as_the_evaluation_frames_them(shared_data):
+def test_exact_crops_are_framed_as_the_evaluation_frames_them(real_data):
     # --exact 1: every training crop is the validation crop of its slice (up to flips and window)
-    volume = read_volume(shared_data / CASE / "image.nii.gz")
-    labels = np.asarray(read_volume(shared_data / CASE / "label.nii.gz").data)
+    volume = read_volume(real_data / SMALL / "image.nii.gz")
+    labels = np.asarray(read_volume(real_data / SMALL / "label.nii.gz").data)
     base = ft.load_base(None)
-    data = ft.volume_data(volume.data, labels, volume.spacing, base.spec.channels, 2, [18], [4])
+    data = ft.volume_data(volume.data, labels, volume.spacing, base.spec.channels, 2, [12], [1])
     _, want = ft.validation_crops(data.train, base.spec, base.train_size)
     _, ys = ft.training_batch(np.random.default_rng(0), data.train, base.spec, base.train_size, 6, exact=1.0)
     flips = [want[0, 0], want[0, 0, ::-1], want[0, 0, :, ::-1], want[0, 0, ::-1, ::-1]]
