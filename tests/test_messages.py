@@ -135,3 +135,25 @@ def test_batch_manifest_mistakes_are_one_line(tmp_path, capsys, name, content, w
     assert main(["batch", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 2
     _one_line(capsys.readouterr().err, words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dangling_link_as_out_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    import napari_sam2unet.models as models
+
+    monkeypatch.setattr(models, "find_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out.nii.gz"
+    out.symlink_to(tmp_path / "gone" / "labels.nii.gz")
+    assert main(["segment", MR, "--out", str(out), "--box", "10:10,10,40,40"]) == 2
+    _one_line(capsys.readouterr().err, "link to nothing")
+    assert out.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(capsys, monkeypatch):
+    import napari_sam2unet.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["info"]) == 130
+    _one_line(capsys.readouterr().err, "interrupted", "nothing was written")

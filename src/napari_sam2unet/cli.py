@@ -278,8 +278,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports the commands' modules: Ctrl-C may come here
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return _stopped("interrupted", 130, [])
     # Recorded in the model cards that `train` writes, so a model says how it was made.
     args.command_line = shlex.join(["sam2unet", *(sys.argv[1:] if argv is None else argv)])
     previous = _install_sigterm()

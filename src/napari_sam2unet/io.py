@@ -302,6 +302,8 @@ def check_output_path(
 
 
 def _check_target(out: Path, source: Volume | None, overwrite: bool, sidecar: bool) -> None:
+    if out.is_symlink() and not out.exists():  # found before the work, not when writing
+        raise InputError(f"the output {out} is a link to nothing ({os.readlink(out)}); choose another --out")
     if out.is_dir():
         raise InputError(f"the output {out} is a folder; give a file name ending in .nii.gz")
     if source is not None and source.path is not None and _same_file(out, source.path):
