@@ -157,3 +157,11 @@ def test_ctrl_c_while_the_commands_load_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["info"]) == 130
     _one_line(capsys.readouterr().err, "interrupted", "nothing was written")
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.yaml"])
+def test_train_data_nested_too_deeply_is_one_line(tmp_path, capsys, name):
+    pytest.importorskip("torch", reason="train needs torch (the [train] extra)")
+    (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["train", "--data", str(tmp_path / name), "--out-dir", str(tmp_path / "run"), "--steps", "1"]) == 2
+    _one_line(capsys.readouterr().err, name)

@@ -160,7 +160,7 @@ def read_manifest(path: Path, root=None) -> list[CaseSpec]:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:  # RecursionError: nested too deep
         raise InputError(f"{path} cannot be read as a data manifest ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise InputError(f"{path}: a data manifest needs a 'cases' list")
@@ -224,7 +224,7 @@ def check_splits(cases: list[CaseSpec]) -> None:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise InputError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object")
