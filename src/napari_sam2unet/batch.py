@@ -22,18 +22,19 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backends import BACKEND_CHOICES
-from .errors import Cancelled, InputError, ModelError, Sam2UnetError
+from .backends.pool import BackendPool, model_sha256
+from .errors import Cancelled, InputError, Sam2UnetError
 from .manifest import CaseSpec, ResolvedCase, read_manifest, resolve_case
+from .segment_case import segment_volume
 
 INSTALL_HINT = 'sam2unet batch needs Dask (dask.distributed): pip install "napari-sam2unet[cohort]"'
 REPORT_NAME = "report.csv"
@@ -100,24 +101,7 @@ Progress = Callable[[int, int, CaseResult], None]
 # --- on a worker ---------------------------------------------------------------------------
 
 # One backend (model session) per worker process and model, opened by the first case it runs.
-_BACKENDS: dict[tuple, tuple] = {}
-_BACKENDS_LOCK = threading.Lock()
-
-
-def _worker_backend(job: Job) -> tuple:
-    """(card, backend, why) for this process, opened once; later cases reuse the session."""
-    from .backends import open_backend
-    from .models import find_model
-
-    key = (job.model_card, job.model_sha256, job.backend, job.threads)
-    with _BACKENDS_LOCK:
-        if key not in _BACKENDS:
-            card = find_model(job.model_card)  # verifies the file against its card's sha256
-            if model_sha256(card) != job.model_sha256:
-                raise ModelError(f"model {card.file.name} changed since the batch started; run the batch again")
-            backend, why = open_backend(card, job.backend, threads=job.threads)
-            _BACKENDS[key] = (card, backend, why)
-        return _BACKENDS[key]
+_POOL = BackendPool()
 
 
 def run_case(spec: CaseSpec, job: Job) -> CaseResult:
@@ -134,9 +118,7 @@ def run_case(spec: CaseSpec, job: Job) -> CaseResult:
 
 
 def _segment_case(spec: CaseSpec, job: Job) -> CaseResult:
-    from .engine import Engine
     from .io import read_volume, write_labels
-    from .provenance import run_record
 
     out = Path(job.out_dir) / f"{spec.case}.nii.gz"
     if not job.overwrite:
@@ -148,24 +130,20 @@ def _segment_case(spec: CaseSpec, job: Job) -> CaseResult:
     if done is not None:
         return CaseResult(spec.case, "skipped", SKIPPED_REASON, done["batch"]["voxels"],
                           backend=done["backend"]["name"], dice=_dice_of_file(out, case), output=str(out))
-    settings = case.settings
-    volume = read_volume(spec.image, settings.volume_index)
+    options = replace(case.settings, model=job.model_card, model_sha256=job.model_sha256, backend=job.backend,
+                      threads=job.threads)
+    volume = read_volume(spec.image, options.volume_index)
     _check_grid(case, volume.data.shape)
-    card, backend, why = _worker_backend(job)
-    engine = Engine(backend)  # per case: the cache (and its memory) goes with it
-    engine.set_volume(volume.data, volume.spacing, settings.axis, settings.window, settings.replace_nonfinite)
-    result = engine.segment(case.prompts, settings.scope, settings.threshold)
-    labels = result.labels(settings.label)
+    # A new engine per case: the cache (and its memory) goes with it.
+    labels, _, record = segment_volume(volume, case.prompts, options, _POOL, source=spec.image)
     mask = labels > 0
     dice = _dice(mask, case)
-    record = run_record(spec.image, label=settings.label, axis=settings.axis, scope=settings.scope,
-                        window=settings.window, card=card, backend=backend, why=why, engine=engine,
-                        result=result, prompts=case.prompts)
     voxels = int(mask.sum())
-    record["batch"] = {"case": spec.case, "key": key, "input_sha256": input_sha256, "name": settings.name,
+    record["batch"] = {"case": spec.case, "key": key, "input_sha256": input_sha256, "name": options.name,
                        "voxels": voxels, "reference": spec.values.get("reference"), "dice": dice}
     write_labels(out, labels, volume, record, overwrite=True)
-    return CaseResult(spec.case, "segmented", "", voxels, backend=backend.name, dice=dice, output=str(out))
+    return CaseResult(spec.case, "segmented", "", voxels, backend=record["backend"]["name"], dice=dice,
+                      output=str(out))
 
 
 def case_key(input_sha256: str, model_sha256: str, case: ResolvedCase) -> str:
@@ -257,12 +235,6 @@ def _dice_of_file(out: Path, case: ResolvedCase) -> float | None:
 def _one_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[0][:300] if lines else "no message"
-
-
-def model_sha256(card) -> str:
-    from .models import sha256_file
-
-    return card.sha256 or sha256_file(card.file)
 
 
 # --- on the driver -------------------------------------------------------------------------

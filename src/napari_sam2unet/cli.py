@@ -17,9 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .backends import BACKEND_CHOICES
+from .engine import SCOPES
 from .errors import Cancelled, Sam2UnetError
 from .options import check_threads
 from .preprocess import WINDOW_CHOICES
+from .segment_case import SegmentOptions
+
+DEFAULTS = SegmentOptions()
 
 # Subcommands whose code lives beside the modules they drive: (module, add-parser function).
 _EXTRA_COMMANDS = [
@@ -61,17 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "again with its mask there as the prior; other slices are kept. Needs a prompted model")
     seg.add_argument("--prior-label", type=int, default=None,
                      help="the label of --prior to correct (default: every non-zero voxel)")
-    seg.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis (default 2, the last)")
-    seg.add_argument("--scope", default="auto", choices=("auto", "slices", "between", "propagate", "volume"),
+    seg.add_argument("--axis", type=int, default=DEFAULTS.axis, choices=(0, 1, 2),
+                     help="slice axis (default 2, the last)")
+    seg.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES,
                      help="which slices: auto = all slices without prompts, between boxes on 2+ slices, "
                           "else the prompted slices")
-    seg.add_argument("--model", default=None, help="model name or path to .onnx/.yaml (default: bundled)")
-    seg.add_argument("--backend", default="auto", choices=("auto", "cpu", "npu", "qnn"))
-    seg.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    seg.add_argument("--window", default="auto", help=f"intensity window: {', '.join(WINDOW_CHOICES)} or LOW:HIGH")
-    seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model card's)")
-    seg.add_argument("--label", type=int, default=1, help="label value written for the structure (default 1)")
-    seg.add_argument("--volume-index", type=int, default=None, help="for 4D images: which volume (default 0)")
+    seg.add_argument("--model", default=DEFAULTS.model, help="model name or path to .onnx/.yaml (default: bundled)")
+    seg.add_argument("--backend", default=DEFAULTS.backend, choices=BACKEND_CHOICES)
+    seg.add_argument("--threads", type=int, default=DEFAULTS.threads, help="CPU threads (default: all cores)")
+    seg.add_argument("--window", default=DEFAULTS.window,
+                     help=f"intensity window: {', '.join(WINDOW_CHOICES)} or LOW:HIGH")
+    seg.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
+                     help="probability threshold (default: the model card's)")
+    seg.add_argument("--label", type=int, default=DEFAULTS.label,
+                     help="label value written for the structure (default 1)")
+    seg.add_argument("--volume-index", type=int, default=DEFAULTS.volume_index,
+                     help="for 4D images: which volume (default 0)")
     seg.add_argument("--replace-nonfinite", action="store_true", help="treat NaN/Inf voxels as the lowest intensity")
     seg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     seg.add_argument("--no-sidecar", action="store_true", help="do not write the provenance .json beside --out")
@@ -98,12 +108,10 @@ def _has_module(name: str) -> bool:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .backends import open_backend
-    from .engine import Engine
     from .io import read_volume
-    from .models import find_model
     from .prompts import Prompts, parse_box, parse_point
     from .seg_formats import check_output, write_segmentation
+    from .segment_case import BackendPool, Opened, Segmented, segment_volume
 
     if not 0 < args.label <= 65535:
         raise Sam2UnetError(f"--label {args.label} is out of range; use 1 to 65535")
@@ -115,28 +123,31 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.scope in ("slices", "between", "propagate") and not prompts:
         raise Sam2UnetError(f"--scope {args.scope} starts from prompts: give a --box or --point "
                             f"(or --scope auto to segment every slice)")
-    volume = read_volume(args.image, args.volume_index, series=args.series)
-    prompts.validate(volume.data.shape, args.axis)  # a slice out of range is said before the model loads
+    options = options_from_args(args)
+    volume = read_volume(args.image, options.volume_index, series=args.series)
+    prompts.validate(volume.data.shape, options.axis)  # a slice out of range is said before the model loads
     prior = _read_prior(args, volume, prompts)
     # Fail before minutes of work, not after: existing files, the sidecar, a folder we cannot write.
     check_output(args.out, volume, args.overwrite, sidecar=not args.no_sidecar)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     for note in volume.notes:
         say(f"note: {note}")
-    card = find_model(args.model)
-    backend, why = open_backend(card, args.backend, threads=args.threads)
-    with backend:
-        engine = Engine(backend)
-        engine.set_volume(volume.data, volume.spacing, args.axis, args.window, args.replace_nonfinite)
-        say(f"model {card.name} on {backend.device}{_brief_reason(args.backend, card, backend, why)}")
-        if prior is None:
-            result = engine.segment(prompts, args.scope, args.threshold, progress=_progress_bar(args.quiet))
-        else:
-            result = _correct_prior(engine, prior, prompts, args.threshold)
-    labels = result.labels(args.label)
-    sidecar = None if args.no_sidecar else _provenance(args, card, backend, why, engine, result, prompts)
-    write_segmentation(args.out, labels, volume, sidecar, overwrite=args.overwrite,
-                       algorithm=(card.name, card.sha256 or ""))
+    bar = _progress_bar(args.quiet) if prior is None else None
+
+    def show(event) -> None:
+        if isinstance(event, Opened):
+            backend = event.engine.backend
+            say(f"model {backend.card.name} on {backend.device}{_brief_reason(args.backend, backend, event.why)}")
+        elif isinstance(event, Segmented) and bar is not None:
+            bar(event.done, event.total)
+
+    extra = {} if args.prior is None else {"corrected": str(args.prior.resolve()), "prior_label": args.prior_label}
+    with BackendPool() as pool:
+        labels, result, record = segment_volume(volume, prompts, options, pool, source=args.image, prior=prior,
+                                                record_extra=extra, on_event=show)
+    model = record["model"]
+    write_segmentation(args.out, labels, volume, None if args.no_sidecar else record, overwrite=args.overwrite,
+                       algorithm=(model["name"], model["sha256"] or ""))
     voxels = int(result.mask.sum())
     model_share = 100 * result.backend_seconds / max(result.total_seconds, 1e-9)
     say(f"segmented {len(result.slices)} slices in {result.total_seconds:.2f} s "
@@ -145,6 +156,14 @@ def run_segment(args: argparse.Namespace) -> int:
     if voxels == 0:
         say("warning: nothing was segmented; check the prompts, --window or a lower --threshold")
     return 0
+
+
+def options_from_args(args: argparse.Namespace) -> SegmentOptions:
+    """`sam2unet segment`'s flags as the options every way of segmenting takes."""
+    return SegmentOptions(axis=args.axis, scope=args.scope, window=args.window, threshold=args.threshold,
+                          label=args.label, volume_index=args.volume_index,
+                          replace_nonfinite=args.replace_nonfinite, model=args.model, backend=args.backend,
+                          threads=args.threads)
 
 
 def _read_prior(args, volume, prompts):
@@ -168,17 +187,6 @@ def _read_prior(args, volume, prompts):
     return data != 0 if args.prior_label is None else data == args.prior_label
 
 
-def _correct_prior(engine, prior, prompts, threshold):
-    """The prior kept, and each slice with points looked at again with its mask as the prior."""
-    if not engine.prompted:
-        raise Sam2UnetError(f"--prior needs a model that sees prompts (model card `channels: prompted`); "
-                            f"{engine.card.name} has channels {engine.card.input.channels}")
-    result = engine.result_from_mask(prior, threshold)
-    for k in sorted({p.slice for p in prompts.points}):
-        engine.correct(result, k, prompts)
-    return result
-
-
 def _check_finite_prompts(box_texts, boxes, point_texts, points) -> None:
     for text, box in zip(box_texts, boxes):
         if not all(math.isfinite(v) for v in box.rect):
@@ -188,11 +196,11 @@ def _check_finite_prompts(box_texts, boxes, point_texts, points) -> None:
             raise Sam2UnetError(f"--point {text}: coordinates must be numbers (voxel indices), not nan or inf")
 
 
-def _brief_reason(asked: str, card, backend, why: str) -> str:
+def _brief_reason(asked: str, backend, why: str) -> str:
     """Why this backend, in a few words: the long NPU explanation lives in `sam2unet info`."""
     if backend.name != "cpu" or asked != "auto":
         return f": {why}"
-    return " (NPU not used: `sam2unet info` says why)" if card.npu else ""
+    return " (NPU not used: `sam2unet info` says why)" if backend.card.npu else ""
 
 
 def _progress_bar(quiet: bool):
@@ -210,15 +218,6 @@ def _progress_bar(quiet: bool):
             bar.close()
 
     return update
-
-
-def _provenance(args, card, backend, why, engine, result, prompts) -> dict:
-    from .provenance import run_record
-
-    extra = {} if args.prior is None else {"corrected": str(args.prior.resolve()), "prior_label": args.prior_label}
-    return run_record(args.image, label=args.label, axis=args.axis, scope=args.scope, window=args.window,
-                      card=card, backend=backend, why=why, engine=engine, result=result, prompts=prompts,
-                      **extra)
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from .errors import InputError, PromptError
 from .io import nifti_stem
 from .preprocess import axis_plane
 from .prompts import Box, Point, Prompts, parse_box, parse_point
+from .segment_case import SegmentOptions
 
 COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "name", "scope", "axis",
            "window", "threshold", "reference", "volume_index", "replace_nonfinite")
@@ -46,32 +47,17 @@ class CaseSpec:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """How a case is segmented: the options `sam2unet segment` takes, with its defaults."""
-
-    axis: int = 2
-    scope: str = "auto"
-    window: str = "auto"
-    threshold: float | None = None
-    label: int = 1
-    name: str = ""
-    volume_index: int | None = None
-    replace_nonfinite: bool = False
-
-
-@dataclass(frozen=True)
 class ResolvedCase:
     spec: CaseSpec
     prompts: Prompts
-    settings: Settings
+    settings: SegmentOptions
 
     def identity(self) -> dict[str, Any]:
         """Everything besides the image and model that decides the output: what a resume compares."""
-        settings = {k: v for k, v in vars(self.settings).items() if k != "name"}
         return {
             "boxes": [vars(b) for b in self.prompts.boxes],
             "points": [vars(p) for p in self.prompts.points],
-            "settings": settings,
+            "settings": self.settings.identity(),
         }
 
 
@@ -173,7 +159,7 @@ def _check_unique(cases: list[CaseSpec], path: Path) -> None:
 def resolve_case(spec: CaseSpec) -> ResolvedCase:
     """A row's prompts and settings: defaults, then a prompts file's, then the row's own columns."""
     values = spec.values
-    settings, prompts = Settings(), Prompts()
+    settings, prompts = SegmentOptions(), Prompts()
     if spec.path("prompts"):
         settings, prompts = _from_prompts_file(spec.path("prompts"), values.get("label"))
     settings = replace(settings, **_row_settings(values))
@@ -234,7 +220,7 @@ def _bool(value: Any, column: str) -> bool:
     return text in ("true", "1", "yes")
 
 
-def _from_prompts_file(path: Path, label: Any) -> tuple[Settings, Prompts]:
+def _from_prompts_file(path: Path, label: Any) -> tuple[SegmentOptions, Prompts]:
     """Prompts and options of an earlier run: a `sam2unet segment` sidecar or a napari writer's.
 
     The threshold is not taken over: a replay with another model uses that model's own.
@@ -250,8 +236,8 @@ def _from_prompts_file(path: Path, label: Any) -> tuple[Settings, Prompts]:
     raise InputError(f"{path.name} is not a sidecar of a sam2unet or napari run (no 'prompts' or 'runs')")
 
 
-def _from_cli_record(record: dict) -> Settings:
-    return Settings(axis=int(record.get("axis", 2)), scope=str(record.get("scope", "auto")),
+def _from_cli_record(record: dict) -> SegmentOptions:
+    return SegmentOptions(axis=int(record.get("axis", 2)), scope=str(record.get("scope", "auto")),
                     window=str(record.get("window", "auto")), label=int(record.get("label", 1)))
 
 
@@ -265,7 +251,7 @@ def _cli_prompts(prompts: dict, path: Path) -> Prompts:
     return Prompts(boxes, points)
 
 
-def _from_napari_runs(runs: list, path: Path, label: Any) -> tuple[Settings, Prompts]:
+def _from_napari_runs(runs: list, path: Path, label: Any) -> tuple[SegmentOptions, Prompts]:
     """The run to replay: the only one, or the only one with the row's label."""
     chosen = [r for r in runs if label is None or str(r.get("label")) == str(label).strip()]
     if len(chosen) != 1:
@@ -278,7 +264,7 @@ def _from_napari_runs(runs: list, path: Path, label: Any) -> tuple[Settings, Pro
         points = [Point(int(p[0]), p[1], p[2], bool(p[3])) for p in run["prompts"].get("points", [])]
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise PromptError(f"the prompts in {path.name} are malformed; save the labels again from napari") from None
-    settings = Settings(axis=int(run.get("slice_axis", 2)), scope=str(run.get("scope", "auto")),
+    settings = SegmentOptions(axis=int(run.get("slice_axis", 2)), scope=str(run.get("scope", "auto")),
                         window=str(run.get("window", "auto")), label=int(run.get("label", 1)),
                         name=str(run.get("label_name") or ""))
     return settings, Prompts(boxes, points)

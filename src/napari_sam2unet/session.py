@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import weakref
 
-from .backends import open_backend
+from .backends.pool import BackendPool
 from .history import History
-from .models import find_model
 from .objects import ObjectList
 
 
@@ -18,7 +17,7 @@ class Session:
     def __init__(self) -> None:
         self.objects = ObjectList()
         self.history = History()
-        self._backends: dict[tuple, tuple] = {}
+        self.backends = BackendPool()  # each model's backend, opened once for this viewer
         self.worker = None  # the run in flight (any widget of this viewer started it)
         self.viewed: set = set()  # images already put in the radiological view
 
@@ -28,12 +27,7 @@ class Session:
 
     def backend(self, spec: str, kind: str):
         """(card, backend, why) for a model and backend kind, opened once (runs in the worker thread)."""
-        card = find_model(spec)
-        key = (str(card.file), card.sha256, kind)
-        if key not in self._backends:
-            backend, why = open_backend(card, kind)
-            self._backends[key] = (card, backend, why)
-        return self._backends[key]
+        return self.backends.get(spec, kind)
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

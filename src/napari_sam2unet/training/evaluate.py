@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +114,11 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
     return cases
 
 
-def corrected_volume(engine, case: Case, threshold=None, rounds: int = CORRECTION_ROUNDS) -> np.ndarray:
+def corrected_volume(engine, segment, case: Case, rounds: int = CORRECTION_ROUNDS) -> np.ndarray:
     """A box on every slice, then rounds of one corrective click per slice at the middle of its
     largest error, each answered by the engine as the widget answers a click."""
     prompts = Prompts(boxes=list(case.boxes["tight"]))
-    result = engine.segment(prompts, scope="slices", threshold=threshold)
+    result = segment(prompts, "slices")
     for _ in range(rounds):
         for box in case.boxes["tight"]:
             truth = axis_plane(case.mask, box.slice, engine.axis)
@@ -129,14 +129,15 @@ def corrected_volume(engine, case: Case, threshold=None, rounds: int = CORRECTIO
     return result.mask
 
 
-def model_volume(engine, case: Case, protocol: str, threshold=None) -> np.ndarray:
-    """A model's mask of a case under a protocol, through the engine as users drive it."""
+def model_volume(engine, segment, case: Case, protocol: str) -> np.ndarray:
+    """A model's mask of a case under a protocol, as users drive it: `segment(prompts, scope)` is
+    segment_volume on the case's volume with this engine (segment_case), returning its result."""
     if protocol == "corrected":
-        return corrected_volume(engine, case, threshold)
+        return corrected_volume(engine, segment, case)
     if protocol in CLICK_PROTOCOLS:
         scope = "propagate" if protocol == "click_propagated" else "slices"
-        return engine.segment(Prompts(points=case.points[protocol]), scope=scope, threshold=threshold).mask
-    return engine.segment(Prompts(boxes=case.boxes[protocol]), scope=SCOPE_OF[protocol], threshold=threshold).mask
+        return segment(Prompts(points=case.points[protocol]), scope).mask
+    return segment(Prompts(boxes=case.boxes[protocol]), SCOPE_OF[protocol]).mask
 
 
 # --- the classical baseline -----------------------------------------------------------------
@@ -247,11 +248,9 @@ def evaluate(
     scans: CaseSpec objects (datasets.py) or (image, label map) path pairs. margin: evaluate
     with this crop margin instead of the card's (to measure how much framing matters).
     """
-    from dataclasses import replace
-
-    from ..backends import open_backend
+    from ..backends.pool import BackendPool
     from ..engine import Engine
-    from ..models import find_model
+    from ..segment_case import SegmentOptions
     from .datasets import CaseSpec, LabelSpec
 
     specs = [s if isinstance(s, CaseSpec) else CaseSpec(Path(s[0]).name, Path(s[0]), (LabelSpec(Path(s[1])),), "")
@@ -271,25 +270,36 @@ def evaluate(
                 for protocol in boxed:
                     pred = baseline_volume(volume.data, case.boxes[protocol], axis, view, protocol)
                     method[protocol].append(dice(pred, case.mask))
-    for model in models:
-        card = find_model(model)
-        backend, _ = open_backend(card, "cpu", threads=threads)
-        with backend:
+    with BackendPool() as pool:
+        for model in models:
+            options = SegmentOptions(axis=axis, window=window, threshold=threshold, model=model, backend="cpu",
+                                     threads=threads)
+            card, backend, _ = pool.get(model, "cpu", threads)
             engine = Engine(backend)
             if margin is not None:
                 engine.card = replace(engine.card, input=replace(engine.card.input, margin=float(margin)))
             scores = {p: [] for p in protocols}
             began = time.perf_counter()
             for volume, cases in loaded:
-                engine.set_volume(volume.data, volume.spacing, axis, window)
+                segment = _segmenter(volume, options, pool, engine)
                 for case in cases:
                     for protocol in protocols:
-                        scores[protocol].append(dice(model_volume(engine, case, protocol, threshold), case.mask))
+                        scores[protocol].append(dice(model_volume(engine, segment, case, protocol), case.mask))
             name = card.name if card.name not in report["methods"] else f"{card.name} ({model})"
             report["methods"][name] = scores
             report.setdefault("seconds", {})[name] = round(time.perf_counter() - began, 1)
     report["summary"] = summarise(report)
     return report
+
+
+def _segmenter(volume, options, pool, engine):
+    """segment(prompts, scope) -> result: segment_volume on this volume with this engine (its cache kept)."""
+    from ..segment_case import segment_volume
+
+    def segment(prompts: Prompts, scope: str):
+        return segment_volume(volume, prompts, replace(options, scope=scope), pool, engine=engine)[1]
+
+    return segment
 
 
 def summarise(report: dict) -> dict:
