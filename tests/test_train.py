@@ -77,8 +77,8 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(real_data, tmp_pa
     assert card.input.channels == "multiview" and card.input.crop == "box_aspect"
     assert card.raw["training"]["steps"] == 4
     assert card.raw["training"]["trained_on"].startswith("CPU: ")  # where it was trained, from the checkpoint
-    assert [c["case"] for c in card.raw["data"]["train"]] == ["itksnap_mricrop_brain"]
-    assert [c["case"] for c in card.raw["data"]["validation"]] == ["mial_fetal_brain_run1"]
+    assert [c["case"] for c in card.raw["data"]["train"]] == ["msd_hippo_hippocampus_366"]
+    assert [c["case"] for c in card.raw["data"]["validation"]] == ["msd_hippo_hippocampus_001"]
     # exporting again later needs only the run folder: the card describes the run, not this call
     again = tmp_path / "again.onnx"
     assert main(["train", "--export-only", "--out-dir", str(out), "--export", str(again), "--name", "again"]) == 0
