@@ -7,19 +7,17 @@ opens and the widget copies it from the image onto the label layers it creates.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from . import __version__
 from .errors import InputError
 from .io import Volume, is_nifti_path, write_labels
 from .label_files import write_label_tables
 from .objects import label_colour
-from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY
+from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, layer_sidecar
 
 
 def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
@@ -32,7 +30,7 @@ def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
         raise InputError(f"this writer saves 3D label layers; the layer has shape {labels.shape}")
     volume, note = like_volume(labels.shape, meta)
     # napari asks before replacing a file, so an existing path here is the user's choice.
-    written = write_labels(out, labels, volume, sidecar=sidecar(meta, volume, note), overwrite=True)
+    written = write_labels(out, labels, volume, sidecar=layer_sidecar(meta, volume, note), overwrite=True)
     write_label_tables(written, label_table(labels, meta))
     return [str(written)]
 
@@ -59,7 +57,7 @@ def _write_segmentation(out: Path, data: Any, meta: dict) -> Path:
     volume, note = like_volume(labels.shape, meta)
     volume = layer_volume(volume, meta)
     runs = (meta.get("metadata") or {}).get(RUNS_KEY, [])
-    return write_segmentation(out, labels, volume, sidecar=sidecar(meta, volume, note), overwrite=True,
+    return write_segmentation(out, labels, volume, sidecar=layer_sidecar(meta, volume, note), overwrite=True,
                               table=label_table(labels, meta), algorithm=last_model(runs))
 
 
@@ -107,24 +105,3 @@ def like_volume(shape: tuple[int, ...], meta: dict) -> tuple[Volume, str | None]
         "translate only (open the image with the napari-sam2unet reader to keep its geometry)"
     )
     return Volume(placeholder, affine, header, None, tuple(shape)), note
-
-
-def sidecar(meta: dict, volume: Volume, note: str | None = None) -> dict[str, Any]:
-    """Provenance: source image, label names and every widget run that made these labels."""
-    metadata = meta.get("metadata") or {}
-    names = metadata.get(NAMES_KEY, {})
-    record = {
-        "tool": "napari-sam2unet",
-        "version": __version__,
-        "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "layer": meta.get("name"),
-        "source_image": str(volume.path) if volume.path else None,
-        "orientation": "".join(nib.aff2axcodes(volume.affine)),
-        "spacing_mm": [float(z) for z in volume.header.get_zooms()[:3]],
-        "label_names": {str(k): v for k, v in names.items()},
-        "label_colours": {str(k): list(v) for k, v in (metadata.get(COLOURS_KEY) or {}).items()},
-        "runs": list(metadata.get(RUNS_KEY, [])),
-    }
-    if note:
-        record["note"] = note
-    return record

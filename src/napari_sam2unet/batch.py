@@ -165,11 +165,10 @@ def finished_record(out: Path, key: str) -> dict | None:
 
 def _batch_record(sidecar: Path) -> dict | None:
     """A sidecar written by a batch (its `batch` entry holds a key), else None."""
-    try:
-        record = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-    except (OSError, ValueError, RecursionError):
-        return None
-    batch = record.get("batch") if isinstance(record, dict) else None
+    from .provenance import read_sidecar
+
+    record = read_sidecar(sidecar)
+    batch = record.get("batch") if record is not None else None
     return record if isinstance(batch, dict) and isinstance(batch.get("key"), str) else None
 
 

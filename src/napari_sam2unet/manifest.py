@@ -21,6 +21,7 @@ from .errors import InputError, PromptError
 from .io import nifti_stem
 from .preprocess import axis_plane
 from .prompts import Box, Point, Prompts, parse_box, parse_point
+from .provenance import read_replay
 from .segment_case import SegmentOptions
 
 COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "name", "scope", "axis",
@@ -221,53 +222,14 @@ def _bool(value: Any, column: str) -> bool:
 
 
 def _from_prompts_file(path: Path, label: Any) -> tuple[SegmentOptions, Prompts]:
-    """Prompts and options of an earlier run: a `sam2unet segment` sidecar or a napari writer's.
-
-    The threshold is not taken over: a replay with another model uses that model's own.
-    """
+    """Prompts and options of an earlier run: a `sam2unet segment` or batch sidecar, or a napari
+    writer's (read by provenance.read_replay). The threshold is not taken over."""
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise InputError(f"cannot read prompts file {path.name} ({error}); point to a sidecar .json") from None
-    if isinstance(record, dict) and isinstance(record.get("prompts"), dict):
-        return _from_cli_record(record), _cli_prompts(record["prompts"], path)
-    if isinstance(record, dict) and isinstance(record.get("runs"), list):
-        return _from_napari_runs(record["runs"], path, label)
-    raise InputError(f"{path.name} is not a sidecar of a sam2unet or napari run (no 'prompts' or 'runs')")
-
-
-def _from_cli_record(record: dict) -> SegmentOptions:
-    return SegmentOptions(axis=int(record.get("axis", 2)), scope=str(record.get("scope", "auto")),
-                    window=str(record.get("window", "auto")), label=int(record.get("label", 1)))
-
-
-def _cli_prompts(prompts: dict, path: Path) -> Prompts:
-    try:
-        boxes = [Box(int(b["slice"]), b["i0"], b["j0"], b["i1"], b["j1"]) for b in prompts.get("boxes", [])]
-        points = [Point(int(p["slice"]), p["i"], p["j"], bool(p.get("positive", True)))
-                  for p in prompts.get("points", [])]
-    except (KeyError, TypeError, ValueError):
-        raise PromptError(f"the prompts in {path.name} are malformed; write the file again from a run") from None
-    return Prompts(boxes, points)
-
-
-def _from_napari_runs(runs: list, path: Path, label: Any) -> tuple[SegmentOptions, Prompts]:
-    """The run to replay: the only one, or the only one with the row's label."""
-    chosen = [r for r in runs if label is None or str(r.get("label")) == str(label).strip()]
-    if len(chosen) != 1:
-        labels = ", ".join(str(r.get("label")) for r in runs) or "none"
-        raise PromptError(f"{path.name} holds {len(chosen)} matching runs (labels {labels}); "
-                          f"set the label column to choose one run")
-    run = chosen[0]
-    try:
-        boxes = [Box(int(b[4]), b[0], b[1], b[2], b[3]) for b in run["prompts"].get("boxes", [])]
-        points = [Point(int(p[0]), p[1], p[2], bool(p[3])) for p in run["prompts"].get("points", [])]
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-        raise PromptError(f"the prompts in {path.name} are malformed; save the labels again from napari") from None
-    settings = SegmentOptions(axis=int(run.get("slice_axis", 2)), scope=str(run.get("scope", "auto")),
-                        window=str(run.get("window", "auto")), label=int(run.get("label", 1)),
-                        name=str(run.get("label_name") or ""))
-    return settings, Prompts(boxes, points)
+    options, prompts = read_replay(record, path.name, label)
+    return SegmentOptions(**options), prompts
 
 
 def boxes_from_labels(path: Path, label: int, axis: int) -> list[Box]:
