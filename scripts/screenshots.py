@@ -1,8 +1,8 @@
 """Screenshots of the real napari window for docs/user-guide.md.
 
 Run under a virtual X server:
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py
-Writes docs/images/*.png. Look at them before committing.
+    xvfb-run -a -s "-screen 0 1366x768x24" .venv/bin/python scripts/screenshots.py
+Writes docs/images/*.png: a 1366x768 laptop screen with both docks. Look at them before committing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 from scipy import ndimage
 
+from napari_sam2unet._finetune_widget import FinetuneWidget
 from napari_sam2unet._sample_data import SAMPLE_LIVER, sample_paths
 from napari_sam2unet._widget import SegmentWidget
 from napari_sam2unet.io import read_volume
@@ -47,9 +48,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     image_path, labels_path = sample_paths()
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1600, 950)
+    viewer.window._qt_window.resize(1366, 768)
     widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="SAM2-UNet", area="right")
+    viewer.window.add_dock_widget(widget, name="Segment with SAM2-UNet", area="right")
+    viewer.window.add_dock_widget(FinetuneWidget(viewer), name="Fine-tune SAM2-UNet", area="right")
     (image,) = viewer.open(str(image_path), plugin="napari-sam2unet")  # opens radiological axial
     viewer.dims.set_current_step(2, SLICE)
     widget.auto_run.value = False  # the first picture shows the box before the run

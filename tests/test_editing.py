@@ -29,6 +29,7 @@ def write_square(editor, lay, k=1, value_slice=np.s_[2:5, 2:5]):
     mask[value_slice] = True
     editor.write(obj, step, {k: mask})
     step.close()
+    step.state_after = obj.state()
     step.record = {"operation": "run"}
     editor.push(step)
     return step

@@ -60,6 +60,8 @@ def test_finetune_from_a_labels_layer_writes_a_model_the_engine_runs(qtbot, labe
     qtbot.waitUntil(lambda: widget.worker is None, timeout=DONE_TIMEOUT_MS)
     assert not said["error"], said["error"]
     assert widget.result is not None and widget.status.value.startswith("done")
+    # every labelled slice trained, so the Dice was measured on them: the notification says so (defect 14)
+    assert [m for m in said["info"] if "Dice" in m and "trained on" in m and "none held out" in m]
     # nothing the user labelled was touched
     np.testing.assert_array_equal(layer.data, drawn)
     # the model is listed where the segmentation widget finds its models, and offered here as a base

@@ -19,6 +19,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from superqt.utils import create_worker
 
+from ._dock import scroll_into
 from .errors import Sam2UnetError
 from .models import DEFAULT_MODEL, MODELS_ENV, list_models, models_folder, search_dirs
 from .training.finetune import Settings  # torch-free: torch is imported when a run starts
@@ -36,6 +37,15 @@ def not_searched_note(folder: Path) -> str | None:
         return None
     return (f"{folder} is not searched for models; open the model from there with 'or model file', "
             f"or set {MODELS_ENV}={folder}")
+
+
+def dice_scope(scored_on: str | None) -> str:
+    """Where the Dice was measured, for the notification (None: on the slices the model trained on,
+    which shows that it learned them, not how it does elsewhere)."""
+    if not scored_on:
+        return ("on the labelled slices it trained on (every labelled slice trained, none held out: "
+                "check the other slices yourself)")
+    return f"on {scored_on}"
 
 
 class FinetuneWidget(Container):
@@ -62,9 +72,13 @@ class FinetuneWidget(Container):
         self.run_button = PushButton(text="Fine-tune on my labels")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(label="Status", value="ready")
-        self.extend([self.image, self.labels, self.label_value, self.base, self.steps, self.trunk, self.name,
-                     self.folder, Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                                            labels=False), self.status])
+        self.status.native.setWordWrap(True)  # a long status wraps instead of widening the dock
+        # The controls scroll (a laptop screen holds this dock under the segment dock).
+        self.body = Container(widgets=[
+            self.image, self.labels, self.label_value, self.base, self.steps, self.trunk, self.name, self.folder,
+            Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
+            self.status])
+        scroll_into(self, self.body)
         self.image.changed.connect(lambda _v=None: self.labels.reset_choices())
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
@@ -84,6 +98,10 @@ class FinetuneWidget(Container):
 
     def _model_choices(self, _widget=None):
         return sorted({card.name for card in list_models()} | {DEFAULT_MODEL})
+
+    def reset_choices(self, _event=None):
+        if hasattr(self, "body"):  # napari may ask while the controls are being made
+            self.body.reset_choices()
 
     def _refresh(self, _event=None):
         self.image.reset_choices()
@@ -154,7 +172,8 @@ class FinetuneWidget(Container):
         seconds = time.perf_counter() - began
         extra = ft.card_extra(base, data, settings, before, after, seconds, "napari: Fine-tune SAM2-UNet")
         card = ft.write_model(base, job["out"], extra, job["name"], trunk=settings.trunk)
-        return ft.Result(card, job["out"], before, after, seconds), job["name"]
+        held_out = data.validation is not data.train  # else scored on the slices it trained on
+        return ft.Result(card, job["out"], before, after, seconds), job["name"], held_out and data.validation_what
 
     def _on_yield(self, report):
         if self._cancelling:
@@ -165,13 +184,13 @@ class FinetuneWidget(Container):
         self.status.value = f"step {report.step}/{report.total}, loss {report.loss:.3f}" if training else report.what
 
     def _on_done(self, value):
-        result, name = value
+        result, name, scored_on = value
         self.result = result
         note = not_searched_note(result.onnx.parent)
         selected = self.select_in_segment_widget(name)
         self.base.reset_choices()
         where = "selected in Segment with SAM2-UNet" if selected else "in the model list of Segment with SAM2-UNet"
-        message = (f"{name}: validation Dice {result.dice_before:.3f} -> {result.dice_after:.3f} "
+        message = (f"{name}: Dice {result.dice_before:.3f} -> {result.dice_after:.3f} {dice_scope(scored_on)} "
                    f"({result.seconds:.0f} s); {where}: run the remaining slices with it")
         self.status.value = f"done: Dice {result.dice_before:.3f} -> {result.dice_after:.3f}"
         show_info(message + (f"; {note}" if note else ""))

@@ -54,7 +54,7 @@ class ObjectControls:
         self.show()
         widget.status.value = f"editing {obj.title}"
 
-    def commit(self):
+    def commit(self, _value=None):
         """Keep the current object and start the next one with the next free label."""
         widget = self.widget
         if widget.busy:
@@ -70,7 +70,7 @@ class ObjectControls:
         widget.status.value = f"committed; now {obj.title}"
         widget.update_history_buttons()
 
-    def clear_prompts(self):
+    def clear_prompts(self, _value=None):
         """Empty the current object's prompt layers (its labels stay)."""
         widget = self.widget
         image = widget.image.value

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 from napari.layers import Points, Shapes
 
-from .errors import Sam2UnetError
+from .errors import InputError, Sam2UnetError
 from .layer_prompts import SIGN_COLOURS, colour_points, layer_prompts, show_prompts, slice_axis
 from .prompts import Prompts
 
@@ -27,6 +27,15 @@ class PromptLayers:
     def axis(self, image=None) -> int:
         image = image if image is not None else self.widget.image.value
         return slice_axis(self.viewer, image) if image is not None else 2
+
+    def require_image(self):
+        """The chosen image, if it is a 3D grey-level volume."""
+        image = self.widget.image.value
+        if image is None:
+            raise InputError("no image layer: open a NIfTI file first (File > Open, reader napari-sam2unet)")
+        if image.multiscale or image.rgb or image.ndim != 3:
+            raise InputError(f"{image.name} is not a 3D grey-level volume; open a 3D MRI or CT")
+        return image
 
     def find(self, image) -> tuple[Points | None, Shapes | None]:
         names = {f"{image.name} points": Points, f"{image.name} boxes": Shapes}
@@ -119,7 +128,7 @@ class PromptLayers:
 
     def toggle_sign(self, layer=None) -> None:
         """n: flip the selected points' sign, or the sign of the next points when none is selected."""
-        points = layer if isinstance(layer, Points) else self.find(self.widget.require_image())[0]
+        points = layer if isinstance(layer, Points) else self.find(self.require_image())[0]
         if points is None:
             return
         selected = sorted(points.selected_data)

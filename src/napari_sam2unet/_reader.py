@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.utils.notifications import show_warning
+from napari.utils.notifications import show_info, show_warning
 
 from .errors import InputError
 from .io import Volume, is_nifti_path, read_volume
@@ -47,8 +47,21 @@ def read_nifti(path: PathOrPaths) -> list[LayerData]:
     """Read NIfTI files as napari layer data (image, or labels for label maps)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     layers = [volume_layer_data(read_volume(p)) for p in paths]
+    for _, kwargs, kind in layers:
+        geometry = kwargs["metadata"][META_KEY]
+        if kind == "image" and geometry["volumes"] > 1:
+            show_info(f"{kwargs['name']} is 4D: opened volume 0 of {geometry['volumes']} (numbered from 0); "
+                      f"choose another under Volume in Segment with SAM2-UNet")
     _axial_when_added(layers)
     return layers
+
+
+def volume_count(source_shape: tuple[int, ...]) -> int:
+    """How many 3D volumes a file holds (a 4D file: its fourth dimension; trailing 1s do not count)."""
+    shape = list(source_shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    return int(shape[3]) if len(shape) == 4 else 1
 
 
 def _axial_when_added(layers: list[LayerData]) -> None:
@@ -57,7 +70,8 @@ def _axial_when_added(layers: list[LayerData]) -> None:
     from napari import current_viewer
 
     viewer = current_viewer()
-    waiting = {kwargs["metadata"][META_KEY]["path"] for _, kwargs, kind in layers if kind == "image"}
+    # Known by their arrays: the series of one DICOM folder share its path, a name may change.
+    waiting = [data for data, _, kind in layers if kind == "image"]
     if viewer is None or not waiting:
         return
 
@@ -68,10 +82,10 @@ def _axial_when_added(layers: list[LayerData]) -> None:
         from .session import session_for
 
         layer = event.value
-        path = (layer.metadata.get(META_KEY) or {}).get("path")
-        if not isinstance(layer, Image) or path not in waiting:
+        found = [n for n, data in enumerate(waiting) if isinstance(layer, Image) and layer.data is data]
+        if not found:
             return
-        waiting.discard(path)
+        waiting.pop(found[0])
         if not waiting:
             viewer.layers.events.inserted.disconnect(on_inserted)
         viewed = session_for(viewer).viewed
@@ -92,6 +106,7 @@ def read_dicom_layers(path: PathOrPaths) -> list[LayerData]:
         data, kwargs, kind = volume_layer_data(read_dicom(where, series.uid))
         kwargs["name"] = f"{where.name} series {series.number or series.uid}"
         layers.append((data, kwargs, kind))
+    _axial_when_added(layers)  # as NIfTI files open
     return layers
 
 
@@ -106,6 +121,8 @@ def geometry_metadata(volume: Volume) -> dict[str, Any]:
         "shape": tuple(volume.data.shape),
         "source_shape": tuple(volume.source_shape),
         "notes": list(volume.notes),
+        "volumes": volume_count(volume.source_shape),
+        "volume": 0,  # which of them (the widget's Volume control changes it)
         # DICOM input: the acquired frames a DICOM-SEG references (carried with the geometry).
         **({"dicom": {"frames": list(volume.frames), "series_uid": volume.series_uid}}
            if getattr(volume, "frames", None) else {}),

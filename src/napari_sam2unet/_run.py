@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Labels
-from napari.utils import progress
 from qtpy.QtCore import QTimer
 from superqt.utils import create_worker
 
@@ -61,7 +60,7 @@ class Job:
 
 def read_job(widget, scope_text: str | None = None) -> Job:
     """The run the controls and layers ask for now (raises a Sam2UnetError that says what to do)."""
-    image = widget.require_image()
+    image = widget.prompt_layers.require_image()
     viewer = widget.viewer
     axis = slice_axis(viewer, image)
     drawn = widget.prompt_layers.read(image, axis)
@@ -165,7 +164,7 @@ class RunController:
     def __init__(self, widget) -> None:
         self.widget = widget
         self.job: Job | None = None  # the run in flight, or the last one
-        self._pbar = None
+        self._done = 0  # slices segmented so far by the run in flight
         self._in_order = InOrder(lambda error: widget.say(str(error), error))
         self._last_refresh = 0.0
         self._refresh_layer = None
@@ -194,8 +193,8 @@ class RunController:
         worker.aborted.connect(lambda: self._in_order(self._on_abort, job))
         worker.finished.connect(lambda: self._in_order(self._on_finished))
         self.session.worker = worker
-        self._pbar = progress(total=0, desc="SAM2-UNet")
-        widget.run_started()
+        self._done = 0
+        self._started()
         worker.start()
         return worker
 
@@ -247,7 +246,7 @@ class RunController:
         if step is None:
             return  # a late message from a stopped run
         if isinstance(message, EngineReady):
-            widget.show_engine(message.engine, message.why)
+            self._show_engine(message.engine, message.why)
             job.obj.engine = message.engine
             widget.set_status("segmenting...")
         elif isinstance(message, NonFinite):
@@ -259,10 +258,19 @@ class RunController:
             result = message.result
             self.write(job.obj, step, {k: result.slices[k].mask for k in result.slices if k not in step.before},
                        live=True)
-            if self._pbar is not None:
-                self._pbar.total = message.total
-                self._pbar.update(message.done - self._pbar.n)
-            widget.set_status(f"segmenting: {message.done} of {message.total} slices")
+            self._done = message.done
+            self.show_progress(job, message.done, message.total)
+
+    def show_progress(self, job: Job, done: int, total: int):
+        """Propagation stops where the object ends, unknown ahead: it counts up with a busy bar;
+        other scopes know their slices."""
+        bar = self.widget.progress
+        if job.scope == "propagate":
+            bar.min, bar.max = 0, 0
+            self.widget.set_status(f"propagating: {done} slices so far, until the object ends")
+        else:
+            bar.max, bar.value = total, done
+            self.widget.set_status(f"segmenting: {done} of {total} slices")
 
     def _lost_layer(self, job: Job):
         """The target layer was deleted during the run: stop, write nothing more, say so."""
@@ -316,7 +324,9 @@ class RunController:
         elif written == 0 and not step.after:
             widget.tell("warning", f"the model's {found} voxels all lie on other labels, so nothing was written: "
                                    f"erase them, or write into another layer")
-        widget.run_done(result)
+        widget.show_object()
+        if abs(widget.threshold.value - result.threshold) > 1e-9:  # moved during the run
+            widget.edits.refine(None)
 
     def _remember_label(self, obj):
         """Name and colour of the object's label, with the layer (the writer saves them for Slicer/ITK-SNAP)."""
@@ -334,8 +344,7 @@ class RunController:
 
     def _on_abort(self, job: Job):
         self._discard(job)
-        pbar = self._pbar
-        done = f" after {pbar.n} of {pbar.total} slices" if pbar and pbar.total else ""
+        done = f" after {self._done} slices" if self._done else ""
         self.widget.tell("info", f"run cancelled{done}: the labels are as before the run")
         self.widget.set_status("cancelled")
 
@@ -353,7 +362,24 @@ class RunController:
 
     def _on_finished(self):
         self.session.worker = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self.widget.run_finished()
+        widget = self.widget
+        widget.set_visible(widget.progress, False)
+        widget.set_enabled(widget.run_button, True)
+        widget.set_enabled(widget.cancel_button, False)
+        widget.update_history_buttons()
+        if widget.edits.rerun and not widget.closed:
+            widget.edits.rerun = False
+            widget.run(scope="this slice")
+
+    def _started(self):
+        widget = self.widget
+        widget.run_button.enabled, widget.cancel_button.enabled = False, True
+        widget.progress.min, widget.progress.max, widget.progress.value = 0, 0, 0  # busy until the first batch
+        widget.progress.visible = True
+        widget.status.value = "loading the model..."
+
+    def _show_engine(self, engine: Engine, reason: str):
+        widget = self.widget
+        widget.engine = engine
+        # The device in the panel; why this backend (e.g. why not the NPU) on hover.
+        widget.set_text(widget.backend_info, engine.backend.device, tooltip=reason)

@@ -16,7 +16,10 @@ from .provenance import META_KEY
 SAVE_FORMATS = {
     ".nii.gz": ("NIfTI labels + ITK-SNAP/Slicer label files", "write_labels_layer"),
     ".nii": ("NIfTI labels, uncompressed", "write_labels_layer"),
+    ".dcm": ("DICOM-SEG referencing the source DICOM series", "write_dicom_seg_layer"),
+    ".seg.nrrd": ("3D Slicer segmentation", "write_seg_nrrd_layer"),
 }
+DICOM_SEG = ".dcm"
 
 
 def with_save_suffix(path: Path) -> Path:
@@ -27,11 +30,13 @@ def with_save_suffix(path: Path) -> Path:
 
 
 def default_save_path(layer) -> Path:
-    """Beside the source image, named after it: <image>_labels.nii.gz."""
-    source = (layer.metadata.get(META_KEY) or {}).get("path")
+    """Beside the source image, named after it: <image>_labels.nii.gz (.dcm for a DICOM series)."""
+    geometry = layer.metadata.get(META_KEY) or {}
+    end = DICOM_SEG if geometry.get("dicom") else next(iter(SAVE_FORMATS))
+    source = geometry.get("path")
     if source:
-        return Path(source).with_name(f"{nifti_stem(Path(source))}_labels{next(iter(SAVE_FORMATS))}")
-    return Path.cwd() / f"{layer.name}{next(iter(SAVE_FORMATS))}"
+        return Path(source).with_name(f"{nifti_stem(Path(source))}_labels{end}")
+    return Path.cwd() / f"{layer.name}{end}"
 
 
 def dialog_filter() -> str:

@@ -1,11 +1,10 @@
 """The napari dock widget: its controls, their wiring and what it tells the user.
 
-The run (a Job, the worker and its messages) is in _run, the prompt layers in _prompt_layers,
-edits as the user prompts in _edits, the view in _view_keeper, saving in _save_labels; the
-edits' rules on the Session are in the Qt-free editing module, and every segmentation
-decision is the engine's. No ``from __future__ import annotations`` here: napari reads the
-``Viewer`` annotation at runtime.
-"""
+Runs (a Job, the worker, its messages) are in _run, prompt layers in _prompt_layers, edits as the
+user prompts in _edits, objects and undo in _object_controls, the view in _view_keeper, saving in
+_save_labels; the rules of edits on the Session are in the Qt-free editing module, every
+segmentation decision is the engine's. No ``from __future__ import annotations``: napari reads
+the ``Viewer`` annotation at runtime."""
 
 import logging
 from pathlib import Path
@@ -20,22 +19,25 @@ from magicgui.widgets import (
     FloatSpinBox,
     Label,
     LineEdit,
+    ProgressBar,
     PushButton,
     SpinBox,
 )
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ._dock import fold_into, scroll_into
 from ._edits import PromptEdits
 from ._object_controls import ObjectControls
 from ._prompt_layers import PromptLayers
 from ._run import SCOPES, RunController, read_job
 from ._save_labels import save_labels
 from ._view_keeper import ViewKeeper
+from ._volume_picker import VolumePicker
 from .backends import BACKEND_CHOICES
 from .editing import Editor
 from .engine import PROPAGATE_MIN_OVERLAP, Engine
-from .errors import Cancelled, InputError, Sam2UnetError
+from .errors import Cancelled, Sam2UnetError
 from .history import layer_key
 from .models import DEFAULT_MODEL, find_model, list_models
 from .objects import SegObject
@@ -47,6 +49,13 @@ from .views import DISPLAY_WINDOWS, PLANES
 log = logging.getLogger(__name__)
 
 OWN_LAYER = "the image's labels layer"
+SAVE_TIP = "The object's labels layer beside the image: NIfTI with label files, DICOM-SEG or .seg.nrrd"
+RUN_KEYS = "Shift+S: this slice; Shift+P: propagate from this slice"
+
+
+def run_label(scope: str) -> str:
+    """The Run button says what it will segment."""
+    return f"Run: {scope}"
 
 
 class SegmentWidget(Container):
@@ -63,7 +72,12 @@ class SegmentWidget(Container):
         self.prompt_layers = PromptLayers(self)
         self.edits = PromptEdits(self)
         self.runs = RunController(self)
-        self.object_controls = ObjectControls(self)
+        self.volumes = VolumePicker(self)
+        self.object_controls = controls = ObjectControls(self)
+        # The widget's own verbs (buttons, keys, tests), done by its parts.
+        self.show_object, self.select_object = controls.show, controls.select
+        self.commit, self.clear_prompts = controls.commit, controls.clear_prompts
+        self.show_plane = self.views.show_plane
 
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.view_buttons = [PushButton(text=plane) for plane in PLANES]
@@ -95,30 +109,17 @@ class SegmentWidget(Container):
                                         tooltip="Share of the smaller of two neighbouring masks inside the other "
                                                 "under which propagation jumped away")
         self.target = ComboBox(label="Write into", choices=self._target_choices)
-        self.run_button = PushButton(text="Run (Shift+S: this slice)")
+        self.run_button = PushButton(text=run_label(self.scope.value), tooltip=RUN_KEYS)
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", visible=False)
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.redo_button = PushButton(text="Redo", enabled=False)
-        self.save_button = PushButton(text="Save labels...",
-                                      tooltip="The object's labels layer as NIfTI with its label files, "
-                                              "beside the image")
+        self.save_button = PushButton(text="Save labels...", tooltip=SAVE_TIP)
         self.status = Label(label="Status", value="ready")
         self.cursor = Label(label="Cursor", value="")
         for label in (self.status, self.cursor, self.backend_info):
             label.native.setWordWrap(True)  # a long status wraps instead of widening the dock
-
-        def row(*widgets):
-            return Container(widgets=list(widgets), layout="horizontal", labels=False)
-
-        self.extend([
-            self.image, row(*self.view_buttons), self.display,
-            self.add_prompts_button, self.point_sign, self.auto_run,
-            self.object_list, self.label_value, self.label_name, row(self.commit_button, self.clear_button),
-            self.model, self.model_file, self.backend, self.backend_info, self.window, self.scope,
-            self.threshold, self.min_overlap, self.target,
-            row(self.run_button, self.cancel_button), row(self.undo_button, self.redo_button), self.save_button,
-            self.status, self.cursor,
-        ])
+        self._lay_out()
         self._connect()
         if self.session.objects.current is None:
             self.session.objects.new(label=1)
@@ -126,10 +127,37 @@ class SegmentWidget(Container):
         self._on_model_choice()
         if self.image.value is not None:
             self.views.radiological(self.image.value)
+        self.volumes.update()
         for layer in viewer.layers:
             self.object_controls.adopt_labels(layer)
         self.update_history_buttons()
         self.views.fit()
+
+    def _lay_out(self):
+        """The controls scroll; the options most users leave alone fold away (a laptop screen)."""
+
+        def row(*widgets):
+            return Container(widgets=list(widgets), layout="horizontal", labels=False)
+
+        run_row = row(self.run_button, self.cancel_button)
+        self.body = Container(widgets=[
+            self.image, self.volumes.control, row(*self.view_buttons), self.display,
+            self.add_prompts_button, self.point_sign, self.auto_run,
+            self.object_list, self.label_value, self.label_name, row(self.commit_button, self.clear_button),
+            self.model, self.scope, self.threshold,
+            run_row, self.progress, row(self.undo_button, self.redo_button), self.save_button,
+            self.status, self.cursor,
+        ])
+        self.advanced = Container(widgets=[self.model_file, self.backend, self.backend_info, self.window,
+                                           self.min_overlap, self.target])
+        self.advanced_section = fold_into(self.body, "Advanced options", self.advanced, before=run_row)
+        self.scroll = scroll_into(self, self.body)
+
+    def reset_choices(self, _event=None):
+        if not hasattr(self, "advanced"):
+            return  # napari may ask while the controls are being made
+        self.body.reset_choices()
+        self.advanced.reset_choices()
 
     def _connect(self):
         viewer = self.viewer
@@ -138,7 +166,7 @@ class SegmentWidget(Container):
         self.display.changed.connect(self.views.on_display)
         self.add_prompts_button.changed.connect(self.add_prompt_layers)
         self.point_sign.changed.connect(self.prompt_layers.set_sign)
-        self.image.changed.connect(lambda _v=None: self.target.reset_choices())
+        self.image.changed.connect(lambda _v=None: (self.target.reset_choices(), self.volumes.update()))
         self.object_list.changed.connect(lambda index: index is not None and self.select_object(index))
         self.label_value.changed.connect(self.object_controls.on_label_value)
         self.label_name.changed.connect(self.object_controls.on_label_name)
@@ -148,6 +176,7 @@ class SegmentWidget(Container):
         self.model_file.changed.connect(self._on_model_choice)
         self.threshold.changed.connect(self.edits.on_threshold)
         self.run_button.changed.connect(self.run)
+        self.scope.changed.connect(lambda value: setattr(self.run_button, "text", run_label(value)))
         self.cancel_button.changed.connect(self.cancel)
         self.undo_button.changed.connect(self.undo)
         self.redo_button.changed.connect(self.redo)
@@ -190,6 +219,7 @@ class SegmentWidget(Container):
     def _refresh_choices(self, _event=None):
         self.image.reset_choices()
         self.target.reset_choices()
+        self.volumes.update()
 
     def model_spec(self) -> str:
         path = str(self.model_file.value or "").strip()
@@ -209,10 +239,6 @@ class SegmentWidget(Container):
             self.views.radiological(layer)
         self.object_controls.adopt_labels(layer)
 
-    def show_plane(self, plane: str, image=None):
-        """Axial, coronal or sagittal, radiological, from the image's affine."""
-        self.views.show_plane(plane, image)
-
     # --- objects (in _object_controls) ------------------------------------------------------
 
     @property
@@ -227,35 +253,12 @@ class SegmentWidget(Container):
     def busy(self) -> bool:
         return self.session.busy
 
-    def show_object(self):
-        self.object_controls.show()
-
-    def select_object(self, index: int):
-        """Make object `index` current: its prompts come back, threshold and points edit it."""
-        self.object_controls.select(index)
-
-    def commit(self, _value=None):
-        """Keep the current object and start the next one with the next free label."""
-        self.object_controls.commit()
-
-    def clear_prompts(self, _value=None):
-        """Empty the current object's prompt layers (its labels stay)."""
-        self.object_controls.clear_prompts()
-
     # --- prompt layers and runs ----------------------------------------------------------------
-
-    def require_image(self) -> Image:
-        image = self.image.value
-        if image is None:
-            raise InputError("no image layer: open a NIfTI file first (File > Open, reader napari-sam2unet)")
-        if image.multiscale or image.rgb or image.ndim != 3:
-            raise InputError(f"{image.name} is not a 3D grey-level volume; open a 3D MRI or CT")
-        return image
 
     def add_prompt_layers(self, _value=None):
         """Add (or select) the points and boxes layers for the chosen image."""
         try:
-            image = self.require_image()
+            image = self.prompt_layers.require_image()
         except Sam2UnetError as error:
             self.tell("error", str(error))
             return None, None
@@ -277,29 +280,6 @@ class SegmentWidget(Container):
     def cancel(self, _value=None):
         """Stop the run at the next batch; what it wrote so far is taken back."""
         self.runs.cancel()
-
-    def run_started(self):
-        self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.status.value = "loading the model..."
-
-    def run_done(self, result):
-        self.show_object()
-        if abs(self.threshold.value - result.threshold) > 1e-9:  # moved during the run
-            self.edits.refine(None)
-
-    def run_finished(self):
-        self._set(self.run_button, "enabled", True)
-        self._set(self.cancel_button, "enabled", False)
-        self.update_history_buttons()
-        if self.edits.rerun and not self.closed:
-            self.edits.rerun = False
-            self.run(scope="this slice")
-
-    def show_engine(self, engine: Engine, reason: str):
-        self.engine = engine
-        # The device in the panel; why this backend (e.g. why not the NPU) on hover.
-        self._set(self.backend_info, "value", engine.backend.device)
-        self._set(self.backend_info, "tooltip", reason)
 
     def layer_gone(self, layer) -> bool:
         return layer is None or layer_key(layer) not in {layer_key(other) for other in self.viewer.layers}
@@ -341,6 +321,14 @@ class SegmentWidget(Container):
 
     def set_enabled(self, button, enabled: bool):
         self._set(button, "enabled", enabled)
+
+    def set_visible(self, control, visible: bool):
+        self._set(control, "visible", visible)
+
+    def set_text(self, label, text: str, tooltip: str | None = None):
+        self._set(label, "value", text)
+        if tooltip is not None:
+            self._set(label, "tooltip", tooltip)
 
     def set_status(self, text: str):
         self._set(self.status, "value", text)
