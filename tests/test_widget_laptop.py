@@ -41,8 +41,14 @@ def test_defect10_the_run_button_names_its_scope_and_propagation_counts_what_it_
     widget.scope.value = "propagate from this slice"
     assert widget.run_button.text == "Run: propagate from this slice"
     add_box(shapes, 12, 14, 10, 34, 30)
-    seen = []  # each status with whether the dock's progress bar showed then
-    widget.status.changed.connect(lambda text: seen.append((text, not widget.progress.native.isHidden())))
+    seen = []  # each status shown, with whether the dock's progress bar showed then (a Label emits no signal)
+    show = widget.set_status
+
+    def recorded(text):
+        seen.append((text, not widget.progress.native.isHidden()))
+        show(text)
+
+    widget.set_status = recorded
     run_and_wait(qtbot, widget)
     done = len(widget.current.result.slices)
     assert done < 24  # the ball ends before the volume does: a total of 24 would be false
