@@ -213,8 +213,8 @@ def _check_grid(case: ResolvedCase, shape: tuple[int, ...]) -> None:
 
 
 def _dice(mask: np.ndarray, case: ResolvedCase) -> float | None:
+    from .geometry import dice
     from .io import read_volume
-    from .training.evaluate import dice
 
     path = case.spec.path("reference")
     if path is None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, PromptError
+from .geometry import BOX_GROWTH, enlarged_box, mask_bbox
 from .io import nifti_stem
 from .preprocess import axis_plane
 from .prompts import Box, Point, Prompts, parse_box, parse_point
@@ -29,9 +30,6 @@ COLUMNS = ("case", "image", "box", "point", "prompts", "boxes_from", "label", "n
 PATH_COLUMNS = ("image", "prompts", "boxes_from", "reference")
 # Case names become file names in the output folder.
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Boxes taken from a label map: the structure's box on each slice grown by 10%, the "tight"
-# protocol that `sam2unet eval` (and the model card's Dice) uses.
-BOX_GROWTH = 0.10
 
 
 @dataclass(frozen=True)
@@ -235,16 +233,13 @@ def _from_prompts_file(path: Path, label: Any) -> tuple[SegmentOptions, Prompts]
 def boxes_from_labels(path: Path, label: int, axis: int) -> list[Box]:
     """A box on every slice where `label` occurs in a label map, grown as `sam2unet eval` grows them."""
     from .io import read_volume
-    from .training.evaluate import enlarged_box
 
     mask = np.rint(read_volume(path).data) == label
     boxes = []
     for k in range(mask.shape[axis]):
         plane = axis_plane(mask, k, axis)
         if plane.any():
-            rows, cols = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
-            extent = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
-            boxes.append(Box(k, *enlarged_box(*extent, plane.shape, BOX_GROWTH)))
+            boxes.append(Box(k, *enlarged_box(*mask_bbox(plane), plane.shape, BOX_GROWTH)))
     if not boxes:
         raise PromptError(f"label {label} does not occur in {path.name}; check the label column")
     return boxes

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
+from ..geometry import dice
 
 SIZE = 352
 MIN_DICE = 0.97
@@ -411,11 +412,6 @@ def interleaved_times(sessions, rounds: int = TIMING_ROUNDS, layout: str = "nchw
             logits(sess, x, layout)
             took.append(time.perf_counter() - began)
     return times
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def parity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:

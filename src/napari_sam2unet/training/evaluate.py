@@ -27,13 +27,14 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
+from ..geometry import BOX_GROWTH, dice, enlarged_box, mask_bbox
 from ..preprocess import axis_plane, plan_views
 from ..prompts import Box, Point, Prompts
 from .prompt_sim import deepest_point, error_click, largest_region
 
 MIN_VOXELS = 50  # structures smaller than this in the whole volume are not scored
 SMALL_VOXELS = 500  # structures below this are reported as "small" too
-ENLARGE = 0.10
+ENLARGE = BOX_GROWTH
 BOX_PROTOCOLS = ("tight", "jittered", "interpolated", "propagated")
 CLICK_PROTOCOLS = ("corrected", "clicks", "click_propagated")
 PROTOCOLS = BOX_PROTOCOLS + CLICK_PROTOCOLS
@@ -53,18 +54,6 @@ class Case:
     @property
     def voxels(self) -> int:
         return int(self.mask.sum())
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
-def enlarged_box(rows: tuple[int, int], cols: tuple[int, int], shape, grow: float) -> tuple[float, ...]:
-    """The outline's box with each side moved out by grow/2 of its extent (so 10% larger)."""
-    (r0, r1), (c0, c1) = rows, cols
-    dr, dc = grow * (r1 - r0) / 2, grow * (c1 - c0) / 2
-    return max(0.0, r0 - dr), max(0.0, c0 - dc), min(shape[0], r1 + dr), min(shape[1], c1 + dc)
 
 
 def jittered_box(rng, rows, cols, shape) -> tuple[float, ...]:
@@ -98,9 +87,7 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             plane = axis_plane(mask, k, axis)
             if not plane.any():
                 continue
-            r = np.flatnonzero(plane.any(1))
-            c = np.flatnonzero(plane.any(0))
-            rows, cols = (int(r[0]), int(r[-1]) + 1), (int(c[0]), int(c[-1]) + 1)
+            rows, cols = mask_bbox(plane)
             case.boxes["tight"].append(Box(k, *enlarged_box(rows, cols, plane.shape, ENLARGE)))
             case.boxes["jittered"].append(Box(k, *jittered_box(rng, rows, cols, plane.shape)))
             middle = Point(k, *(v + 0.5 for v in deepest_point(largest_region(plane))))
