@@ -53,10 +53,6 @@ class Step:
                 self.after[k] = now
         return self
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.after) or self.state_before is not self.state_after
-
     def voxels(self, label: int) -> int:
         """Voxels this step set to the label."""
         return int(sum(((self.after[k] == label) & (self.before[k] != label)).sum() for k in self.after))

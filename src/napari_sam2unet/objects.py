@@ -123,6 +123,3 @@ class ObjectList:
             raise IndexError(f"no object {index}")
         self.index = index
         return self.objects[index]
-
-    def by_label(self, label: int) -> SegObject | None:
-        return next((o for o in self.objects if o.label == label), None)

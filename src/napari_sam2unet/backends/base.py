@@ -48,9 +48,6 @@ class Backend(ABC):
     def __exit__(self, *exc):
         self.close()
 
-    def describe(self) -> str:
-        return f"{self.name} ({self.device}) running {self.card.name}"
-
 
 def checked_batch(batch: np.ndarray, size: tuple[int, int], what: str) -> np.ndarray:
     """The batch as float32 N x 3 x H x W, or one line saying what the model takes instead."""

@@ -44,11 +44,6 @@ class Sam2UnetConfig:
         """Channels of the four feature maps the trunk returns (width doubles per stage)."""
         return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
 
-    @property
-    def input_multiple(self) -> int:
-        """Input sides must be a multiple of this: the window embedding tiles the first grid."""
-        return max(32, self.patch_stride * self.window_spec[0])
-
 
 CONFIGS: dict[str, Sam2UnetConfig] = {
     "large": Sam2UnetConfig(
