@@ -1,4 +1,4 @@
-"""The `sam2unet` command: segment, models, info (and export, train, eval, bench where present)."""
+"""The `sam2unet` command: segment, models, info; npu, export, train, eval, finetune, batch where present."""
 
 from __future__ import annotations
 
