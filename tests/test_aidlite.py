@@ -105,12 +105,10 @@ def probe_card(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_batch(probe_card) -> np.ndarray:
     """Real slices (two MR, two CT), preprocessed as the engine does; three distinct channels."""
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    mr_path, ct_path = root / "colin27" / "ch2.nii.gz", root / "totalseg" / "example_ct_sm.nii.gz"
-    if not (mr_path.is_file() and ct_path.is_file()):
-        pytest.skip(f"real scans not found under {root} (shared/ must sit beside the repository)")
+    root = Path(__file__).resolve().parent / "data"  # committed scans (tests/data/README.md)
+    mr_path, ct_path = root / "totalseg" / "example_mr_sm.nii.gz", root / "totalseg" / "example_ct_sm.nii.gz"
     slices = []
-    for path, window, indices in ((mr_path, "mr", (80, 100)), (ct_path, "soft_tissue", (12, 18))):
+    for path, window, indices in ((mr_path, "mr", (8, 12)), (ct_path, "soft_tissue", (12, 18))):
         volume = np.asanyarray(nib.load(str(path)).dataobj, dtype=np.float32)
         views = plan_views(volume, window, channels="multiview")
         for index in indices:
