@@ -21,6 +21,7 @@ from .label_files import name_features
 from .layer_prompts import current_slice, only_slice, slice_axis
 from .prompts import Prompts
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, run_record
+from .segment_case import NonFinite, Opened, Segmented
 
 # Scope choices: (shown text, (engine scope, only the current slice's prompts?)).
 SCOPES = (
@@ -91,24 +92,7 @@ def read_job(widget, scope_text: str | None = None) -> Job:
                obj=obj, target=target, min_overlap=float(widget.min_overlap.value))
 
 
-# --- messages from the worker thread ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class EngineReady:
-    engine: Engine
-    why: str  # why this backend (e.g. why not the NPU)
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    voxels: int
-
-
-@dataclass(frozen=True)
-class Progress:
-    done: int
-    total: int
-    result: Any
+# The worker thread's messages are segment_case's events (Opened, NonFinite, Segmented).
 
 
 def work(job: Job, session):
@@ -117,7 +101,7 @@ def work(job: Job, session):
     engine = job.obj.engine
     if engine is None or engine.backend is not backend:
         engine = Engine(backend)  # one per object: its cache holds that object's probabilities
-    yield EngineReady(engine, why)
+    yield Opened(engine, why)
     # NaN/Inf voxels (napari shows them as black) count as the lowest intensity; said on the dock.
     if engine.use_volume(job.data, spacing=job.spacing, axis=job.axis, window=job.window,
                          replace_nonfinite=True) and engine.replaced_voxels:
@@ -125,7 +109,7 @@ def work(job: Job, session):
     engine.propagate_min_overlap = job.min_overlap
     result = None
     for done, total, result in engine.iter_segment(job.prompts, job.scope, job.threshold):
-        yield Progress(done, total, result)
+        yield Segmented(done, total, result)
     return engine, result
 
 
@@ -245,7 +229,7 @@ class RunController:
         widget, step = self.widget, job.step
         if step is None:
             return  # a late message from a stopped run
-        if isinstance(message, EngineReady):
+        if isinstance(message, Opened):
             self._show_engine(message.engine, message.why)
             job.obj.engine = message.engine
             widget.set_status("segmenting...")

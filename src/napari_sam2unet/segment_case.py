@@ -7,7 +7,6 @@ returns the label map, the engine's result and the provenance record. Qt-free.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +83,6 @@ class Segmented:
 Event = Opened | NonFinite | Segmented
 Steps = Generator[Event, None, tuple[np.ndarray, SegmentationResult, dict]]
 
-# The volume and options each engine was last set to, so that a run on the same volume keeps the
-# engine's cache (set_volume would clear it) without marking the engine from outside.
-_SET_ON: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def segment_volume(
     volume,
     prompts: Prompts,
@@ -138,7 +132,8 @@ def iter_segment_volume(
     if engine is None or engine.backend is not backend:
         engine = Engine(backend)  # a new engine: a new cache
     yield Opened(engine, why)
-    if _set_volume(engine, volume, options) and engine.replaced_voxels:
+    if engine.use_volume(volume.data, volume.spacing, options.axis, options.window,
+                         options.replace_nonfinite) and engine.replaced_voxels:
         yield NonFinite(engine.replaced_voxels)
     if options.min_overlap is not None:
         engine.propagate_min_overlap = options.min_overlap
@@ -154,17 +149,6 @@ def iter_segment_volume(
     image = source if source is not None else (getattr(volume, "path", None) or "")
     record = _record(image, card, backend, why, engine, result, prompts, options, record_extra or {})
     return result.labels(options.label), result, record
-
-
-def _set_volume(engine: Engine, volume, options: SegmentOptions) -> bool:
-    """Put the volume on the engine unless it is there already; True when it was set now."""
-    wanted = (options.axis, options.window, options.replace_nonfinite, tuple(volume.spacing))
-    current = _SET_ON.get(engine)
-    if current is not None and current[0] is volume.data and current[1:] == wanted:
-        return False
-    engine.set_volume(volume.data, volume.spacing, options.axis, options.window, options.replace_nonfinite)
-    _SET_ON[engine] = (volume.data, *wanted)
-    return True
 
 
 def _correct(engine: Engine, prior: np.ndarray, prompts: Prompts, threshold: float | None) -> SegmentationResult:
