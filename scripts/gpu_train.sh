@@ -11,10 +11,12 @@
 # relative paths). Everything that travels must stay under 64 MiB together with the repository,
 # so validation there uses the three smallest validation cases; score the result here on all of
 # them. Files come back at most 16 MiB each, so best.pt returns in 15 MiB parts.
-# Environment: CONFIG (medium), BATCH (32), WORKERS (14), TRAIN_SECONDS (390), SEED (0).
+# Environment: CONFIG (medium), CHANNELS (prompted: the model sees clicks and a prior, as the
+# bundled one does), BATCH (32), WORKERS (14), TRAIN_SECONDS (390), SEED (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-medium}
+CHANNELS=${CHANNELS:-prompted}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-14}
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
@@ -68,9 +70,9 @@ run() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl
   export PYTHONPATH=/tmp/site:$PWD/src SAM2UNET_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/machine.txt"
-  echo "config $CONFIG" >> "$OUT/machine.txt"
+  echo "config $CONFIG, channels $CHANNELS" >> "$OUT/machine.txt"
   echo "cores $(nproc)" >> "$OUT/machine.txt"
-  local train=(python3 -m napari_sam2unet.cli train --config "$CONFIG" --data .gpu/manifest.yaml
+  local train=(python3 -m napari_sam2unet.cli train --config "$CONFIG" --channels "$CHANNELS" --data .gpu/manifest.yaml
     --batch "$BATCH" --workers "$WORKERS" --seed "$SEED" --val-crops 96)
   # A short probe measures crops per second with this many workers; the run is sized to fit.
   "${train[@]}" --out-dir /tmp/probe --steps 60 --warmup 10 --val-every 1000 --log-every 20 2>&1 | tee "$OUT/probe.log"
