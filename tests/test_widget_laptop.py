@@ -81,6 +81,62 @@ def test_defect11_both_docks_fit_a_1366x768_screen(make_napari_viewer, tmp_path,
     assert segment.advanced.native.isAncestorOf(segment.model_file.native)
 
 
+def controls_cut_off(scroll) -> list[str]:
+    """The visible controls of a scrolled dock that reach past its viewport's left or right edge."""
+    from qtpy.QtCore import QPoint
+    from qtpy.QtWidgets import (
+        QAbstractButton,
+        QAbstractSpinBox,
+        QComboBox,
+        QLabel,
+        QLineEdit,
+        QProgressBar,
+        QSlider,
+        QWidget,
+    )
+
+    kinds = (QAbstractButton, QAbstractSpinBox, QComboBox, QLabel, QLineEdit, QProgressBar, QSlider)
+    inner, viewport = scroll.widget(), scroll.viewport()
+    cut = []
+    for control in inner.findChildren(QWidget):
+        if isinstance(control, kinds) and control.isVisibleTo(inner):
+            left = control.mapTo(viewport, QPoint(0, 0)).x()
+            if left < 0 or left + control.width() > viewport.width():
+                text = control.text() if hasattr(control, "text") else ""
+                cut.append(f"{type(control).__name__} {text!r} spans x {left}..{left + control.width()} "
+                           f"of {viewport.width()}")
+    return cut
+
+
+def test_defect11_every_control_of_both_docks_shows_whole_in_a_1366x768_window(make_napari_viewer, tmp_path, qtbot):
+    """Horizontally too: no button cut at the dock's right edge, with the options unfolded, a
+    long file name, the longest Run label and a long status."""
+    from qtpy.QtCore import QPoint
+
+    from napari_sam2unet._finetune_widget import FinetuneWidget
+
+    viewer = make_napari_viewer(show=True)
+    data, _ = sphere_volume()
+    viewer.open(str(write_nifti(tmp_path / "patient_0042_t1_vibe_dixon_opposed_phase_post.nii.gz", data)),
+                plugin=PLUGIN)
+    segment, finetune = SegmentWidget(viewer), FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment with SAM2-UNet")
+    viewer.window.add_dock_widget(finetune, name="Fine-tune SAM2-UNet")
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    segment.scope.value = "propagate from this slice"
+    segment.advanced_section.expand()
+    segment.progress.visible = True
+    segment.set_status("8 slices, 1234 voxels written, 97 ms per slice (8 model calls); stopped up: it vanished")
+    qtbot.wait(300)
+    assert window.width() <= 1366 and window.height() <= 768
+    for dock in (segment, finetune):
+        viewport = dock.scroll.viewport()
+        right = viewport.mapTo(window, QPoint(viewport.width(), 0)).x()
+        assert 0 < viewport.width() and right <= window.width()  # the dock itself is on the screen
+        assert controls_cut_off(dock.scroll) == [], type(dock).__name__
+
+
 def test_defect12_a_4d_file_says_which_volume_opened_and_another_can_be_chosen(tmp_path, make_napari_viewer,
                                                                                monkeypatch):
     said = []

@@ -78,7 +78,7 @@ class FinetuneWidget(Container):
             self.image, self.labels, self.label_value, self.base, self.steps, self.trunk, self.name, self.folder,
             Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
             self.status])
-        scroll_into(self, self.body)
+        self.scroll = scroll_into(self, self.body)
         self.image.changed.connect(lambda _v=None: self.labels.reset_choices())
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)

@@ -92,8 +92,9 @@ class SegmentWidget(Container):
                                     tooltip="Selecting an object brings back its prompts: edits reach it")
         self.label_value = SpinBox(label="Label value", min=1, max=65535, value=1)
         self.label_name = LineEdit(label="Label name", value="")
-        self.commit_button = PushButton(text="Commit / next object (Shift+C)")
-        self.clear_button = PushButton(text="Clear prompts (Shift+X)")
+        # Keys in the tooltips: the buttons' row fits a laptop dock.
+        self.commit_button = PushButton(text="Commit, next object", tooltip="Shift+C: keep this object, start the next")
+        self.clear_button = PushButton(text="Clear prompts", tooltip="Shift+X: empty this object's prompt layers")
         self.model = ComboBox(label="Model", choices=self._model_choices, value=DEFAULT_MODEL)
         self.model_file = FileEdit(label="or model file", filter="*.onnx *.yaml", value="",
                                    tooltip="A .onnx (or its .yaml card); wins over the model list")
