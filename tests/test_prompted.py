@@ -4,6 +4,7 @@ them (corrections, propagation, interpolation, clicks alone), and the training c
 import numpy as np
 import pytest
 from conftest import sphere_volume
+from scipy import ndimage
 from test_engine import CountingBackend, sphere_engine
 
 from napari_sam2unet.engine import Engine
@@ -146,6 +147,43 @@ def test_error_clicks_go_to_the_middle_of_the_largest_error():
     assert prompt_sim.error_click(target, target) is None
     clicks = prompt_sim.clicks_on_errors(prediction, target, 3)
     assert [c[2] for c in clicks] == [True, False]
+
+
+def test_training_paints_rings_whose_core_is_not_the_target_and_flaws_them_filled(monkeypatch):
+    """A myocardium or a tumour rim is a wall around other tissue: the model must see such rings
+    (painted with a core of its own intensity) and the filled-in disc a ring-blind model draws."""
+    from napari_sam2unet.training import augment
+
+    def rings(share):
+        monkeypatch.setattr(augment, "RING_SHARE", share)
+        rng = np.random.default_rng(0)
+        found, contrasts = 0, []
+        for _ in range(150):
+            img = np.full((96, 96), 300.0, np.float32)
+            out, mask = augment.add_lesion(rng, img, (1.0, 1.0), 400.0)
+            hole = np.zeros((96, 96), bool) if mask is None else ndimage.binary_fill_holes(mask) & ~mask
+            core = ndimage.binary_erosion(hole, iterations=2)
+            if core.sum() < 4:
+                continue
+            found += 1
+            wall = ndimage.binary_erosion(mask) & ~ndimage.binary_dilation(hole, iterations=2)
+            if wall.any():
+                contrasts.append(abs(np.median(out[core]) - np.median(out[wall])))
+        return found, contrasts
+
+    without, _ = rings(0.0)
+    found, contrasts = rings(1.0)
+    assert without <= 5 and found >= 40  # large lesions become rings; few are hollow by chance
+    assert np.median(contrasts) > 0.15 * 400.0  # the image shows where the wall ends inside
+    ring = np.zeros((60, 60), bool)
+    ring[10:50, 10:50] = True
+    ring[20:40, 20:40] = False
+    flawed = [prompt_sim.corrupt(np.random.default_rng(s), ring) for s in range(40)]
+    filled = ndimage.binary_fill_holes(ring)
+    assert sum(np.array_equal(f, filled) for f in flawed) >= 10
+    # The click that corrects a filled ring is a negative one in its hole.
+    r, c, positive = prompt_sim.error_click(filled, ring)
+    assert not positive and ring[int(r), int(c)] == 0 and filled[int(r), int(c)]
 
 
 def test_training_crops_carry_prompts_drawn_like_the_engines(shared_data, monkeypatch):

@@ -113,3 +113,18 @@ def test_a_box_one_voxel_wide_up_to_rounding_is_a_box():
 
     box = Box(10, 7.96909, 26.0103, 7.96909 + 1, 27.0661)
     assert Prompts([box]).validate((40, 40, 20), 2).boxes == [box]
+
+
+def test_hole_filling_can_keep_a_ring_open_and_still_fill_specks(monkeypatch):
+    """A myocardium around its blood pool is a ring: with a hole share set, only holes smaller
+    than that share of the filled area are filled; by default every hole is, as before."""
+    from napari_sam2unet import postprocess
+
+    probability = np.zeros((40, 40), np.float32)
+    probability[5:35, 5:35] = 0.9
+    probability[15:25, 15:25] = 0.1  # the pool: 100 of 900 pixels
+    probability[8, 8] = 0.1  # a speck
+    assert select_regions(probability, 0.5).sum() == 900
+    monkeypatch.setattr(postprocess, "HOLE_SHARE", 0.05)
+    ring = select_regions(probability, 0.5)
+    assert ring.sum() == 800 and ring[8, 8] and not ring[20, 20]

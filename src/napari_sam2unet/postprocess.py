@@ -57,8 +57,27 @@ def select_regions(
     if negative:
         mask = _remove_at_points(mask, negative, positive, probability)
     if fill_holes and mask.any():
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_small_holes(mask, HOLE_SHARE)
     return mask
+
+
+# A hole in a mask is filled when it is smaller than this share of the area it would fill: specks
+# inside an organ are noise, but a myocardium's blood pool or a tumour's necrosis is a real hole.
+# None fills every hole.
+HOLE_SHARE: float | None = None
+
+
+def fill_small_holes(mask: np.ndarray, share: float | None) -> np.ndarray:
+    filled = ndimage.binary_fill_holes(mask)
+    if share is None:
+        return filled
+    holes, count = ndimage.label(filled & ~mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(holes.ravel())
+    small = sizes < share * filled.sum()
+    small[0] = False
+    return mask | small[holes]
 
 
 # Which regions of a boxed mask to keep: "all", "centre" (the one under the box centre, else the

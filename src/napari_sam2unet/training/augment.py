@@ -107,7 +107,31 @@ def add_lesion(rng, img: np.ndarray, spacing, width: float, fg: np.ndarray | Non
         value = value + rim * 0.5 * contrast
     out = img.copy()
     out[r0:r1, c0:c1] = patch * (1 - alpha) + value * alpha
+    if min(rr, rc) >= 6 and rng.random() < RING_SHARE:  # a smaller ring's core is a pixel or two
+        return _hollow(rng, out, mask, (r0, r1, c0, c1), dist, min(rr, rc), local + contrast, width)
     return out, mask
+
+
+RING_SHARE = 0.5  # painted lesions that are a wall around a core of other tissue
+
+
+def _hollow(rng, img, mask, window, dist, radius, wall, width):
+    """Make a painted lesion a ring (a heart's myocardium around its blood pool, a tumour's
+    rim around necrosis): its core gets its own intensity and leaves the target. Walls run
+    from half the radius down to 2 pixels (a myocardium is a thin wall around a bright pool)."""
+    r0, r1, c0, c1 = window
+    core = dist < rng.uniform(0.5, max(0.5, min(0.92, 1 - 2.0 / radius)))
+    if core.sum() < 4 or (mask[r0:r1, c0:c1] & ~core).sum() < 6:
+        return img, mask
+    # The core differs from the wall by 15-80% of the window (a blood pool, necrosis).
+    value = wall + rng.choice([-1, 1]) * np.exp(rng.uniform(np.log(0.15), np.log(0.8))) * width
+    alpha = ndimage.gaussian_filter(core.astype(np.float32), rng.uniform(0.0, 1.0))
+    out = img.copy()
+    patch = out[r0:r1, c0:c1]
+    out[r0:r1, c0:c1] = patch * (1 - alpha) + value * alpha
+    ring = mask.copy()
+    ring[r0:r1, c0:c1] &= ~core
+    return out, ring
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ def corrupt(rng, target: np.ndarray) -> np.ndarray:
     u = rng.random()
     if not target.any():
         return target.copy()
+    filled = ndimage.binary_fill_holes(target)
+    if (filled & ~target).sum() >= 4 and rng.random() < 0.5:
+        return filled  # a ring taken for a disc: its hole filled in, as a model without rings does
     if u < 0.2:  # under-segmented
         radius = int(rng.integers(2, max(3, side // 12)))
         out = ndimage.binary_erosion(target, iterations=radius)
