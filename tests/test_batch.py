@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -196,8 +198,8 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(real_data, tmp_path, mode
     assert set(statuses.values()) <= {"segmented", "skipped"}
 
 
-def _wait_for_any(out: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Until the first case is written."""
+def _wait_for_any(out: Path, process: subprocess.Popen, seconds: float = 600) -> None:
+    """Until the first case is written (a hang guard: a loaded machine took minutes to start a cluster)."""
     deadline = time.monotonic() + seconds
     while not (out.is_dir() and any(out.glob("*.json"))):
         assert process.poll() is None, process.stderr.read()
@@ -333,3 +335,131 @@ def test_an_output_that_is_an_input_of_the_manifest_is_refused_before_anything_r
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "choose an --out-dir that holds none of the manifest's files" in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no report.csv either
+
+
+# --- issue 25: a batch that cannot finish says so before it starts, and stops when told --------
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_bad_scheduler_address_is_one_line_before_anything_runs(real_data, tmp_path, capsys, model):
+    manifest = _write_csv(tmp_path / "m.csv", [{"case": "mr", "image": str(real_data / MR), "box": "10:20,20,60,60"}])
+    out = tmp_path / "out"
+    for address, says in (("notanaddress", "missing port number"), ("foo://10.0.0.5:8786", "unknown address scheme"),
+                          ("tcp://[::1", "invalid address")):
+        assert main(["batch", str(manifest), "-o", str(out), "--scheduler", address, "--model", model]) == 2
+        error = _one_error_line(capsys)
+        assert f"--scheduler {address} is not a Dask scheduler address" in error and says in error
+        assert "tcp://10.0.0.5:8786" in error  # what one looks like
+    # A server that answers but is no scheduler (here a line of HTTP) is one line too.
+    server = socket.create_server(("127.0.0.1", 0))
+    answer = threading.Thread(target=lambda: server.accept()[0].sendall(b"HTTP/1.0 200 OK\r\n\r\n" * 64), daemon=True)
+    answer.start()
+    try:
+        address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        assert main(["batch", str(manifest), "-o", str(out), "--scheduler", address, "--model", model]) == 2
+    finally:
+        server.close()
+    assert f"cannot connect to a Dask scheduler at {address}" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_broken_model_is_exit_2_before_any_worker_starts(real_data, tmp_path, capsys):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    manifest = _write_csv(tmp_path / "m.csv", [{"case": "mr", "image": str(real_data / MR), "box": "10:20,20,60,60"}])
+    out = tmp_path / "out"
+    assert main(["batch", str(manifest), "-o", str(out), "--model", str(broken)]) == 2  # was 1: every case failed
+    assert "broken.onnx is not a loadable ONNX model" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_an_out_dir_that_cannot_take_the_outputs_is_refused_before_anything_runs(real_data, tmp_path, capsys, model):
+    manifest = _write_csv(tmp_path / "m.csv", [{"case": "mr", "image": str(real_data / MR), "box": "10:20,20,60,60"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    command = ["batch", str(manifest), "-o", str(out), "--model", model, "-q"]
+    for taken, says in (("report.csv", "where the batch writes its report"), ("mr.nii.gz", "case mr's output"),
+                        ("mr.json", "case mr's output")):
+        (out / taken).mkdir()
+        assert main(command) == 2
+        assert says in _one_error_line(capsys)
+        (out / taken).rmdir()
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "missing" / "out"), "--model", model]) == 2
+    assert "does not exist; create it first" in _one_error_line(capsys)
+    assert not list(out.iterdir()) and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere; test_unprivileged.py runs this as nobody")
+def test_a_read_only_out_dir_is_refused_before_anything_runs(real_data, tmp_path, capsys, model):
+    manifest = _write_csv(tmp_path / "m.csv", [{"case": "mr", "image": str(real_data / MR), "box": "10:20,20,60,60"}])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for out in (locked, locked / "out"):  # the folder itself, or one to be made in it
+        assert main(["batch", str(manifest), "-o", str(out), "--model", model]) == 2  # it ran every case first
+        assert "permission denied" in _one_error_line(capsys)
+    assert not list(locked.iterdir())
+
+
+# Held in each worker process before it joins the cluster, until the test lets it go.
+HOLD = """
+import os, pathlib, time
+folder = pathlib.Path(os.environ["SAM2UNET_TEST_HOLD"])
+(folder / f"worker-{os.getpid()}").touch()
+while not (folder / "release").exists():
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_while_the_cluster_starts_stops_it_at_once_and_writes_nothing(real_data, tmp_path, model, signum,
+                                                                              code, word):
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "hold.py").write_text(HOLD)
+    env = {**os.environ, "SAM2UNET_TEST_HOLD": str(hold),
+           "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(hold / "hold.py")])}
+    manifest = _write_csv(tmp_path / "m.csv", [{"case": "mr", "image": str(real_data / MR), "box": "10:20,20,60,60"}])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "napari_sam2unet.cli", "batch", str(manifest), "-o", str(out), "--model", model,
+               "--workers", "1"]
+    run = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not list(hold.glob("worker-*")):  # a worker process runs but cannot join: the cluster is starting
+            assert run.poll() is None, run.stderr.read()
+            time.sleep(0.05)
+        if signum == signal.SIGINT:
+            os.killpg(run.pid, signum)  # Ctrl-C in a terminal: the batch and its workers (it was ignored)
+        else:
+            os.kill(run.pid, signum)  # `kill`, or a job scheduler's time limit (it exited 130)
+        _, error = run.communicate(timeout=300)  # before the fix Ctrl-C waited for the worker: forever here
+    finally:
+        (hold / "release").touch()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert (run.returncode, error) == (code, f"sam2unet: {word}; nothing was written (existing files were kept)\n")
+    assert not out.exists()
+    for marker in hold.glob("worker-*"):  # the held worker went with the batch
+        _wait_until_gone(int(marker.name.removeprefix("worker-")))
+
+
+def _wait_until_gone(pid: int, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, f"worker {pid} outlived the batch"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

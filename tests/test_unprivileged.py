@@ -16,6 +16,7 @@ AS_ROOT_SKIPPED = [
     "tests/test_io.py::test_an_unreadable_file_says_permission_not_incomplete",
     "tests/test_options.py::test_read_only_outputs_are_refused_before_any_work",
     "tests/test_messages.py::test_an_input_in_a_folder_the_user_cannot_search_says_permission",
+    "tests/test_batch.py::test_a_read_only_out_dir_is_refused_before_anything_runs",
 ]
 NOBODY = "65534"
 

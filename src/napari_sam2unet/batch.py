@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -32,8 +33,9 @@ import numpy as np
 
 from .backends import BACKEND_CHOICES
 from .backends.pool import BackendPool, model_sha256
-from .errors import Cancelled, InputError, Sam2UnetError
+from .errors import Cancelled, InputError, Sam2UnetError, Terminated
 from .manifest import CaseSpec, ResolvedCase, read_manifest, resolve_case
+from .options import check_folder_writable
 from .segment_case import segment_volume
 
 INSTALL_HINT = 'sam2unet batch needs Dask (dask.distributed): pip install "napari-sam2unet[cohort]"'
@@ -266,26 +268,61 @@ def _distributed():
 def _local_client(workers: int) -> Iterator[Any]:
     """A LocalCluster of worker processes, one case at a time each (memory: one volume per worker)."""
     distributed = _distributed()
-    with _workers_ignore_ctrl_c():
-        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+    cluster = _start_apart(lambda: distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.ERROR))
     with cluster, distributed.Client(cluster) as client:
         yield client
 
 
-@contextlib.contextmanager
-def _workers_ignore_ctrl_c() -> Iterator[None]:
-    """Worker processes started in here inherit an ignored SIGINT: Ctrl-C reaches the driver only,
-    which stops the cluster in order (otherwise each worker dies printing its own traceback)."""
+def _start_apart(start: Callable[[], Any]) -> Any:
+    """start() (a cluster) in a thread that blocks SIGINT, while this thread waits for it.
+
+    Threads inherit their creator's signal mask and processes the spawning thread's, so the
+    cluster's threads and worker processes never see Ctrl-C: it reaches this process alone, which
+    stops the cluster in order (else each worker dies printing a traceback). The wait stops at
+    once on Ctrl-C or SIGTERM (a cluster takes seconds to start); a cluster that comes up after
+    that is closed by the starting thread.
+    """
+    lock = threading.Lock()
+    state: dict[str, Any] = {"abandoned": False}
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            made = start()
+        except BaseException as error:  # handed to the waiting thread
+            state["error"] = error
+            return
+        with lock:
+            state["made"], abandoned = made, state["abandoned"]
+        if abandoned:
+            made.close()
+
+    thread = threading.Thread(target=run, name="sam2unet-cluster-start", daemon=True)
+    thread.start()
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread (e.g. a GUI's worker thread): nothing to hand down
-        yield
-        return
+        thread.join()
+    except KeyboardInterrupt:
+        with lock:
+            state["abandoned"], made = True, state.get("made")
+        if made is not None:
+            made.close()
+        raise
+    if "error" in state:
+        raise state["error"]
+    return state["made"]
+
+
+def _check_address(address: str) -> None:
+    """A scheduler address that Dask can parse (scheme, host and port), before anything starts."""
+    from distributed.comm.addressing import get_address_host_port
+
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        get_address_host_port(address)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"--scheduler {address} is not a Dask scheduler address ({_one_line(str(error))}); "
+                         f"give it as `dask scheduler` prints it, e.g. tcp://10.0.0.5:8786") from None
 
 
 @contextlib.contextmanager
@@ -293,9 +330,9 @@ def _remote_client(address: str) -> Iterator[Any]:
     distributed = _distributed()
     try:
         client = distributed.Client(address, timeout=30)
-    except (OSError, TimeoutError) as error:
-        raise InputError(f"cannot reach the Dask scheduler at {address} ({_one_line(str(error))}); "
-                         f"start one with `dask scheduler` or check the address") from None
+    except Exception as error:  # OSError, TimeoutError, or what a server that is no scheduler sends
+        raise InputError(f"cannot connect to a Dask scheduler at {address} ({_one_line(str(error))}); "
+                         f"check the address, or start one with `dask scheduler`") from None
     with client:
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
@@ -353,34 +390,59 @@ def run_batch(
     cases = read_manifest(manifest)
     out = _out_dir(out_dir)
     _check_outputs_are_not_inputs(cases, out)
+    _distributed()  # say what to install before anything starts
+    if scheduler is not None and client is None:
+        _check_address(scheduler)
     card = find_model(model)
+    _check_model_opens(card)
     remote = client is not None or scheduler is not None
     workers, threads = (0, threads_per_worker or 1) if remote else plan_workers(
         workers, threads_per_worker, os.cpu_count() or 1, len(cases))
     job = Job(str(out), str(card.card_path or card.file), model_sha256(card), backend, threads, overwrite)
-    _distributed()  # say what to install before anything starts
     results: dict[str, CaseResult] = {}
+    started = False
     try:
         if client is not None:
+            started = True
+            out.mkdir(exist_ok=True)
             _collect(client, cases, job, results, progress)
         else:
             with _remote_client(scheduler) if scheduler else _local_client(workers) as own:
+                started = True
+                out.mkdir(exist_ok=True)  # only now: a batch stopped before it starts leaves nothing
                 _collect(own, cases, job, results, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if not started:
+            raise  # the command says "nothing was written"
+        what, code = ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         report = _finish(cases, results, out, began, workers, threads)
-        raise Cancelled(f"interrupted after {len(results)} of {len(cases)} cases; finished cases are kept "
-                        f"(report: {report.path}); run the same command again to resume") from None
+        raise Cancelled(f"{what} after {len(results)} of {len(cases)} cases; finished cases are kept "
+                        f"(report: {report.path}); run the same command again to resume", code) from None
     return _finish(cases, results, out, began, workers, threads)
 
 
 def _out_dir(path: str | os.PathLike) -> Path:
+    """--out-dir, resolved and checked but not yet created: a folder that cannot take the label
+    maps and report.csv is found before any case runs, not after the last one."""
     out = Path(path).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out-dir {out} is a file; choose a folder")
     if not out.parent.is_dir():
         raise InputError(f"the folder {out.parent} does not exist; create it first")
-    out.mkdir(exist_ok=True)
+    check_folder_writable(out, "--out-dir")
+    if (out / REPORT_NAME).is_dir():
+        raise InputError(f"{out / REPORT_NAME} is a folder, where the batch writes its report; "
+                         f"move it or choose another --out-dir")
     return out
+
+
+def _check_model_opens(card) -> None:
+    """Open the model once here (CPU, one thread) and close it: a model that cannot load is one
+    line and exit 2 before any worker starts, not every case failing with the same reason."""
+    from .backends import open_backend
+
+    backend, _ = open_backend(card, "cpu", threads=1)
+    backend.close()
 
 
 def _check_outputs_are_not_inputs(cases: list[CaseSpec], out: Path) -> None:
@@ -401,6 +463,8 @@ def _check_outputs_are_not_inputs(cases: list[CaseSpec], out: Path) -> None:
     for spec in cases:
         target = out / f"{spec.case}.nii.gz"
         for path in (target, sidecar_path_for(target)):
+            if path.is_dir():
+                raise InputError(f"case {spec.case}'s output {path} is a folder; move it or choose another --out-dir")
             found = inputs.get(_identity(path))
             if found:
                 raise InputError(f"case {spec.case}'s output {path} is case {found[0]}'s {found[1]} "
@@ -476,7 +540,8 @@ def add_batch_parser(commands) -> None:
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    """0: every case segmented or skipped; 1: some failed (see report.csv); 2: nothing could start."""
+    """0: every case segmented or skipped; 1: some failed (see report.csv); 2: nothing could start
+    (manifest, model, out-dir, scheduler address); 130 after Ctrl-C, 143 after SIGTERM."""
     if args.scheduler and args.workers:
         raise InputError("--workers sizes a local cluster; with --scheduler start the workers with `dask worker`")
     with _progress_bar(args.quiet) as progress:

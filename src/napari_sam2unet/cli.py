@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .backends import BACKEND_CHOICES
 from .engine import SCOPES
-from .errors import Cancelled, Sam2UnetError
+from .errors import Cancelled, Sam2UnetError, Terminated
 from .options import check_threads
 from .preprocess import WINDOW_CHOICES
 from .segment_case import SegmentOptions
@@ -264,10 +264,6 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every `finally` (temporary files) runs."""
-
-
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -292,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except Cancelled as error:
         print(f"sam2unet: {error}", file=sys.stderr)
-        return 130
+        return error.exit_code
     except Terminated:
         return _stopped("terminated", 143, _published()[before:])
     except KeyboardInterrupt:

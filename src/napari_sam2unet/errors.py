@@ -22,7 +22,15 @@ class BackendError(Sam2UnetError):
 
 
 class Cancelled(Sam2UnetError):
-    """The user cancelled a run; nothing was written."""
+    """The user stopped a run: Ctrl-C or a Cancel button (exit 130), or SIGTERM (exit 143)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (temporary files) runs."""
 
 
 # The torch the [export] and [train] extras pin (pyproject.toml; tests/test_export.py checks both).
