@@ -1,6 +1,7 @@
 """`sam2unet eval` and the training data checks: real NIfTI files, a real ONNX model."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -96,3 +97,34 @@ def test_eval_refuses_a_label_map_on_another_grid(tmp_path, brightness_card):
 def test_bad_training_pairs_stop_with_a_clear_message(labels, message):
     with pytest.raises(InputError, match=message):
         check_pair(np.zeros((4, 4, 4), np.float32), labels, "case")
+
+
+def test_eval_outputs_that_cannot_be_written_are_refused_before_the_evaluation(tmp_path, brightness_card, capsys):
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_labels.nii.gz", truth.astype(np.uint8))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "gone" / "r.json")
+    for option, target, says in (("--json", "folder", "is a folder"), ("--markdown", "file/r.md", "is a file"),
+                                 ("--json", "dangling.json", "link to nothing")):
+        code = main(["eval", "--model", str(brightness_card.file), "--scan", f"{image}:{labels}",
+                     option, str(tmp_path / target)])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", out  # no table: the evaluation did not run
+        assert option in err and says in err and err.count("\n") == 1, err
+    assert (tmp_path / "file").read_text() == "mine" and not list((tmp_path / "folder").iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere; test_unprivileged.py runs this as nobody")
+def test_eval_json_into_a_read_only_folder_is_refused_before_the_evaluation(tmp_path, brightness_card, capsys):
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_labels.nii.gz", truth.astype(np.uint8))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    code = main(["eval", "--model", str(brightness_card.file), "--scan", f"{image}:{labels}",
+                 "--json", str(locked / "report.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "permission denied" in err and err.count("\n") == 1, err

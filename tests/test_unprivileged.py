@@ -17,6 +17,7 @@ AS_ROOT_SKIPPED = [
     "tests/test_options.py::test_read_only_outputs_are_refused_before_any_work",
     "tests/test_messages.py::test_an_input_in_a_folder_the_user_cannot_search_says_permission",
     "tests/test_batch.py::test_a_read_only_out_dir_is_refused_before_anything_runs",
+    "tests/test_evaluate.py::test_eval_json_into_a_read_only_folder_is_refused_before_the_evaluation",
 ]
 NOBODY = "65534"
 

@@ -367,6 +367,11 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval(args) -> int:
+    from ..options import check_output_file
+
+    for path, option in ((args.json, "--json"), (args.markdown, "--markdown")):
+        if path is not None:  # a folder we cannot write is said now, not after the evaluation
+            check_output_file(path, option)
     if args.scan:
         scans = []
         for text in args.scan:
