@@ -165,3 +165,27 @@ def test_train_data_nested_too_deeply_is_one_line(tmp_path, capsys, name):
     (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
     assert main(["train", "--data", str(tmp_path / name), "--out-dir", str(tmp_path / "run"), "--steps", "1"]) == 2
     _one_line(capsys.readouterr().err, name)
+
+
+def test_a_name_in_two_model_folders_warns_once_naming_both_and_the_first_folder_wins(tmp_path, monkeypatch, capsys):
+    """$SAM2UNET_MODELS is searched before the bundled models (as PATH is): a card there with the
+    bundled model's name is the one used, and one warning names both files (it resolved silently)."""
+    from conftest import build_brightness_model
+
+    from napari_sam2unet.models import DEFAULT_MODEL, bundled_models_dir, card_fields, find_model, write_card
+
+    bundled = find_model(DEFAULT_MODEL)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    onnx_file = build_brightness_model(mine / "bright.onnx")
+    write_card({**card_fields(onnx_file, name=DEFAULT_MODEL), "licence": "test model"}, mine / "my-compact.yaml")
+    monkeypatch.setenv("SAM2UNET_MODELS", str(mine))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert main(["models"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{DEFAULT_MODEL} (default): {onnx_file}" in out
+    assert err.count("\n") == 1 and "two folders have a model named" in err, err
+    assert str(mine / "my-compact.yaml") in err and str(bundled_models_dir() / bundled.card_path.name) in err
+    assert "give its path as the model" in err
+    assert main(["models"]) == 0  # once a process, not at every lookup
+    assert capsys.readouterr().err == ""

@@ -387,10 +387,21 @@ def list_models() -> list[ModelCard]:
                 warnings.warn(f"skipped: {error}", ModelCardWarning, stacklevel=2)
                 continue
             first = cards.setdefault(card.name, card)
-            if first is not card and first.card_path is not None and first.card_path.parent == folder:
+            if first is card or first.card_path is None:
+                continue
+            if first.card_path.parent == folder:
                 warnings.warn(f"two cards in {folder} name the model {card.name!r}: using {first.card_path.name}, "
                               f"skipped {card_path.name}; rename one (its `name:`)", ModelCardWarning, stacklevel=2)
+            elif (first.card_path, card_path) not in _SHADOWED_SAID:  # said once a process, not on every lookup
+                _SHADOWED_SAID.add((first.card_path, card_path))
+                warnings.warn(f"two folders have a model named {card.name!r}: using {first.card_path} (its folder is "
+                              f"searched first), not {card_path}; to use that one give its path as the model",
+                              ModelCardWarning, stacklevel=2)
     return list(cards.values())
+
+
+# (card used, card hidden) pairs already warned about: a name found in two search folders.
+_SHADOWED_SAID: set[tuple[Path, Path]] = set()
 
 
 def find_model(name_or_path: str | os.PathLike | None = None, verify: bool = True) -> ModelCard:
