@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -267,51 +266,61 @@ def _distributed():
 @contextlib.contextmanager
 def _local_client(workers: int) -> Iterator[Any]:
     """A LocalCluster of worker processes, one case at a time each (memory: one volume per worker)."""
+    import dask
+
     distributed = _distributed()
-    cluster = _start_apart(lambda: distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.ERROR))
-    with cluster, distributed.Client(cluster) as client:
-        yield client
+    key = "distributed.worker.multiprocessing-method"
+    with dask.config.set({key: "forkserver" if _forkserver_ignoring_ctrl_c() else dask.config.get(key)}):
+        cluster = _started(lambda: distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.ERROR))
+        with cluster, distributed.Client(cluster) as client:
+            yield client
 
 
-def _start_apart(start: Callable[[], Any]) -> Any:
-    """start() (a cluster) in a thread that blocks SIGINT, while this thread waits for it.
+def _started(start: Callable[[], Any]) -> Any:
+    """start() a cluster; Ctrl-C or SIGTERM while it starts (seconds) stops it at once: what had
+    started is closed here, and left out of Dask's exit hook, which would print a traceback."""
+    from distributed.deploy.spec import SpecCluster
 
-    Threads inherit their creator's signal mask and processes the spawning thread's, so the
-    cluster's threads and worker processes never see Ctrl-C: it reaches this process alone, which
-    stops the cluster in order (else each worker dies printing a traceback). The wait stops at
-    once on Ctrl-C or SIGTERM (a cluster takes seconds to start); a cluster that comes up after
-    that is closed by the starting thread.
-    """
-    lock = threading.Lock()
-    state: dict[str, Any] = {"abandoned": False}
-
-    def run() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            made = start()
-        except BaseException as error:  # handed to the waiting thread
-            state["error"] = error
-            return
-        with lock:
-            state["made"], abandoned = made, state["abandoned"]
-        if abandoned:
-            made.close()
-
-    thread = threading.Thread(target=run, name="sam2unet-cluster-start", daemon=True)
-    thread.start()
+    before = set(SpecCluster._instances)
     try:
-        thread.join()
-    except KeyboardInterrupt:
-        with lock:
-            state["abandoned"], made = True, state.get("made")
-        if made is not None:
-            made.close()
+        return start()
+    except BaseException:
+        logging.getLogger("asyncio").addFilter(_not_a_stopped_start)
+        for cluster in set(SpecCluster._instances) - before:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+            cluster.shutdown_on_close = False
         raise
-    if "error" in state:
-        raise state["error"]
-    return state["made"]
+
+
+def _not_a_stopped_start(record: logging.LogRecord) -> bool:
+    """asyncio's late "Task exception was never retrieved" for a worker of a cluster stopped while it
+    started ("Nanny failed to start"): the batch has said what happened, in one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("never retrieved" in str(record.msg) and "failed to start" in str(error))
+
+
+def _forkserver_ignoring_ctrl_c() -> bool:
+    """Start multiprocessing's fork server with SIGINT ignored, so that the workers forked from it
+    ignore it too: Ctrl-C reaches the batch alone, which stops the cluster in order (else each
+    worker dies printing a traceback). Only the server's start (milliseconds) ignores Ctrl-C, not
+    the cluster's. False where there is no fork server (Windows) or this is not the main thread."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (a GUI's worker thread): no Ctrl-C to keep from the workers
+        return False
+    try:
+        forkserver.ensure_running()  # a server started before (not by a batch) keeps its own Ctrl-C
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return True
 
 
 def _check_address(address: str) -> None:
