@@ -116,15 +116,19 @@ def test_a_box_one_voxel_wide_up_to_rounding_is_a_box():
 
 
 def test_hole_filling_can_keep_a_ring_open_and_still_fill_specks(monkeypatch):
-    """A myocardium around its blood pool is a ring: with a hole share set, only holes smaller
-    than that share of the filled area are filled; by default every hole is, as before."""
+    """A myocardium around its blood pool is a ring: only holes smaller than a tenth of the
+    filled area are filled (specks); the pool stays open. HOLE_SHARE None fills every hole."""
     from napari_sam2unet import postprocess
 
     probability = np.zeros((40, 40), np.float32)
     probability[5:35, 5:35] = 0.9
     probability[15:25, 15:25] = 0.1  # the pool: 100 of 900 pixels
     probability[8, 8] = 0.1  # a speck
-    assert select_regions(probability, 0.5).sum() == 900
-    monkeypatch.setattr(postprocess, "HOLE_SHARE", 0.05)
     ring = select_regions(probability, 0.5)
     assert ring.sum() == 800 and ring[8, 8] and not ring[20, 20]
+    probability[14:26, 14:26] = 0.1  # a pool of 144 pixels: 16%
+    assert select_regions(probability, 0.5)[20, 20] == 0
+    probability[18:22, 18:22] = 0.9  # an island in the pool: still a ring around it
+    assert select_regions(probability, 0.5)[15, 15] == 0
+    monkeypatch.setattr(postprocess, "HOLE_SHARE", None)
+    assert select_regions(probability, 0.5).sum() == 900
