@@ -267,3 +267,16 @@ def test_every_shipped_binary_matches_the_cpu(binary):
         reference, got = cpu.predict(inputs), qnn.predict(inputs)
     assert binary.sha256 == sha256_file(binary.file)
     assert dice(reference > 0, got > 0) >= MIN_DICE
+
+
+def test_qualcomms_line_stays_off_stdout(built, tmp_path):
+    """QNN's libraries print "# LIBNATIVE: No alternate configuration ..." on stdout as a session
+    opens: in a fresh process (it prints once a process), segment's stdout stays empty."""
+    card, _ = built
+    out = tmp_path / "ct.nii.gz"
+    command = [sys.executable, "-m", "napari_sam2unet.cli", "segment", str(CT), "--box", "20:30,30,80,80",
+               "--model", str(card.card_path), "--backend", "qnn", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and "LIBNATIVE" not in run.stderr, (run.stdout, run.stderr)
+    assert "HTP emulator" in run.stderr and out.is_file()

@@ -136,7 +136,8 @@ class QnnBackend(Backend):
             provider["soc_model"] = str(recorded["soc_model"])
         options.add_provider_for_devices([device], provider)
         try:
-            return ort.InferenceSession(self._wrapper(), options)
+            with runtime.native_stdout_kept_clean():
+                return ort.InferenceSession(self._wrapper(), options)
         except Exception as error:  # onnxruntime raises its own types
             text = str(error).replace("\n", " ")
             # QNN 2.47 refused a 2.51 binary with CONTEXT_ERROR_INVALID_ARGUMENT (measured); 5000 is

@@ -69,7 +69,8 @@ def _compile(model: Path, folder: Path, soc: runtime.Soc, precision: str) -> Pat
         provider["enable_htp_fp16_precision"] = "1"
     options.add_provider_for_devices([runtime.ep_device()], provider)
     try:
-        ort.InferenceSession(str(model), options)
+        with runtime.native_stdout_kept_clean():
+            ort.InferenceSession(str(model), options)
     except Exception as error:  # onnxruntime raises its own types
         raise ModelError(
             f"the QNN compiler refused the model for {soc.name} ({str(error).splitlines()[0][:200]}); "

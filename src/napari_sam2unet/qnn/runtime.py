@@ -8,10 +8,16 @@ its HTP backend is Qualcomm's x86 emulator of the Hexagon NPU: exact numerics, s
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import mmap
+import os
 import platform
 import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,9 @@ INSTALL_HINT = (
 _VERSION = re.compile(rb"v(\d+\.\d+\.\d+)\.\d{6,}")
 _SOC_ARCH = re.compile(rb"soc_type=([A-Za-z0-9]+);arch=(\d+)")
 _GRAPH = re.compile(rb"QNNExecutionProvider_[A-Za-z0-9_]+")
+# What Qualcomm's libraries print on the process's stdout as a session opens (QNN 2.51): "# LIBNATIVE:
+# No alternate configuration present in libnative_tls.conf ... - using default thread-local behavior."
+_NATIVE_CHATTER = "LIBNATIVE"
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,34 @@ def qnn_module():
             raise BackendError(f"Qualcomm's QNN runtime is not installed: {INSTALL_HINT}") from None
         raise BackendError(f"onnxruntime-qnn is installed but does not load ({error}); reinstall it") from None
     return onnxruntime_qnn
+
+
+@contextlib.contextmanager
+def native_stdout_kept_clean() -> Iterator[None]:
+    """While a QNN session opens, the process's stdout (fd 1, where the native libraries print)
+    goes to a temporary file: their LIBNATIVE line is dropped, anything else they print is passed
+    to stderr. stdout belongs to the command's output (`sam2unet info | ...`, `eval`'s table)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no stdout to protect (a GUI without a console)
+        yield
+        return
+    libc = ctypes.CDLL(None) if os.name == "posix" else None
+    with tempfile.TemporaryFile() as capture:
+        try:
+            os.dup2(capture.fileno(), 1)
+            yield
+        finally:
+            if libc is not None:
+                libc.fflush(None)  # C stdio buffers the line while stdout is not a terminal
+            os.dup2(saved, 1)
+            os.close(saved)
+            capture.seek(0)
+            printed = capture.read().decode(errors="replace")
+    kept = [line for line in printed.splitlines() if line.strip() and _NATIVE_CHATTER not in line]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
 
 
 def installed() -> bool:
