@@ -24,6 +24,7 @@ from scipy import ndimage
 from napari_sam2unet import postprocess
 from napari_sam2unet.backends import open_backend
 from napari_sam2unet.engine import Engine
+from napari_sam2unet.geometry import dice, mask_bbox
 from napari_sam2unet.io import read_volume
 from napari_sam2unet.models import find_model
 from napari_sam2unet.prompts import Box, Point, Prompts
@@ -35,10 +36,6 @@ SIDE_SETS = {"x2 from 24 mm": (24.0, 48.0, 96.0, 192.0), "x1.5 from 16 mm": (16.
 FIXED_SIDES = (16.0, 24.0, 32.0, 48.0, 96.0)
 SPLITS = ("nearest", "shape", "probability")
 MIN_PIXELS, MIN_LEAK = 30, 10
-
-
-def dice(a, b) -> float:
-    return 2 * float(np.logical_and(a, b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
 def largest(mask):
@@ -85,8 +82,8 @@ def segment(engine, prompts, scope="slices"):
 def measure(engine, target, k):
     """Dice of each method on one slice, and the negative-point figures where the box leaks."""
     row = {}
-    rows, cols = np.flatnonzero(target.any(1)), np.flatnonzero(target.any(0))
-    box = Box(k, float(rows[0]), float(cols[0]), float(rows[-1] + 1), float(cols[-1] + 1))
+    (r0, r1), (c0, c1) = mask_bbox(target)
+    box = Box(k, float(r0), float(c0), float(r1), float(c1))
     box_mask = segment(engine, Prompts([box]))[k]
     row["box"] = dice(box_mask, target)
     click = Point(k, *deepest(target))

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(os.environ.get("SAM2UNET_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from napari_sam2unet.training.datasets import DATA_ENV
+
+DATA = Path(os.environ.get(DATA_ENV, Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 # (scan, case folder, label ids; several ids = their union, one structure)
 STRUCTURES = [
     *[(f"brats2013_pat000{p} flair, whole tumour", f"brats2013_pat000{p}_flair", (1, 2, 3, 4)) for p in (1, 2, 3, 4)],
@@ -66,14 +68,13 @@ def segment(card_path, volume, mask, slices_scored, start_slice, threads):
     """3D Dice over slices_scored: a box on each, and propagated from start_slice."""
     from napari_sam2unet.backends import open_backend
     from napari_sam2unet.engine import Engine
+    from napari_sam2unet.geometry import BOX_GROWTH, dice, enlarged_box, mask_bbox
     from napari_sam2unet.models import find_model
     from napari_sam2unet.prompts import Box, Prompts
-    from napari_sam2unet.training.evaluate import ENLARGE, dice, enlarged_box
 
     def box(k):
         plane = mask[:, :, k]
-        r, c = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
-        return Box(k, *enlarged_box((int(r[0]), int(r[-1]) + 1), (int(c[0]), int(c[-1]) + 1), plane.shape, ENLARGE))
+        return Box(k, *enlarged_box(*mask_bbox(plane), plane.shape, BOX_GROWTH))
 
     backend, _ = open_backend(find_model(card_path), "cpu", threads=threads)
     out = {}
@@ -189,11 +190,11 @@ def cohort(args, base_card, tmp):
     """Fine-tune on every slice of BraTS 2013 patients 1-3 (FLAIR whole tumour), score patient 4."""
     from napari_sam2unet.io import read_volume
     from napari_sam2unet.training import finetune as ft
-    from napari_sam2unet.training.datasets import CaseSpec, LabelSpec
+    from napari_sam2unet.training.datasets import LabelSpec, TrainingCase
 
     def case(p, split):
         folder = DATA / "cases" / f"brats2013_pat000{p}_flair"
-        return CaseSpec(f"brats2013_pat000{p}_flair", folder / "image.nii.gz",
+        return TrainingCase(f"brats2013_pat000{p}_flair", folder / "image.nii.gz",
                         (LabelSpec(folder / "label.nii.gz", union=True),), f"pat{p}", split)
 
     base = ft.load_base(args.base)

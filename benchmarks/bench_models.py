@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-SIZE = 352
+from napari_sam2unet.geometry import dice
+from napari_sam2unet.models import INPUT_SIZE
 
 # Runs in a fresh process; VmHWM (peak resident memory) starts anew at exec, unlike ru_maxrss.
 _LATENCY = r"""
@@ -110,7 +111,7 @@ def gflop(model) -> float:
 
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros(1, 3, SIZE, SIZE))
+        model(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
     return counter.get_total_flops() / 1e9
 
 
@@ -131,13 +132,8 @@ def real_batch(count: int = 4) -> np.ndarray:
     for k in np.linspace(depth // 4, 3 * depth // 4, count).astype(int):
         plane = volume.data[:, :, k]
         crop = crop_for_slice(plane.shape, volume.spacing[:2], spec.crop)
-        out.append(to_model_input(sample_crop(plane, crop, (SIZE, SIZE)), views, spec))
+        out.append(to_model_input(sample_crop(plane, crop, (INPUT_SIZE, INPUT_SIZE)), views, spec))
     return np.stack(out).astype(np.float32)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def engine_logits(card_path: Path, batch: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 from napari_sam2unet._widget import SegmentWidget
+from napari_sam2unet.geometry import mask_bbox
 from napari_sam2unet.layer_prompts import slice_axis
 from napari_sam2unet.models import DEFAULT_MODEL
 from napari_sam2unet.training.prompt_sim import error_click
@@ -88,8 +89,8 @@ def on_slice(axis: int, k: int, *plane) -> list[float]:
 
 def box_slice(widget, shapes, axis: int, k: int, truth: np.ndarray) -> None:
     """Box the structure on slice k (as a user draws it, two voxels out) and segment the slice."""
-    rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
-    r0, r1, c0, c1 = rows[0] - 2, rows[-1] + 2, cols[0] - 2, cols[-1] + 2
+    (r0, r1), (c0, c1) = mask_bbox(truth)
+    r0, r1, c0, c1 = r0 - 2, r1 + 1, c0 - 2, c1 + 1
     shapes.add_rectangles(np.array([on_slice(axis, k, r, c) for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]))
     widget.run(scope="this slice")
     wait_for_run(widget)

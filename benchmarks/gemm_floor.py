@@ -49,6 +49,7 @@ def linear_ops(config: str) -> tuple[float, float]:
 
     from napari_sam2unet.convert.optimize import unpadded_linears
     from napari_sam2unet.modeling.sam2unet import build_sam2unet
+    from napari_sam2unet.models import INPUT_SIZE
 
     model = build_sam2unet(config).eval()
     ops = {"linear": 0, "conv": 0}
@@ -65,7 +66,7 @@ def linear_ops(config: str) -> tuple[float, float]:
         elif isinstance(module, torch.nn.Conv2d):
             module.register_forward_hook(on_conv)
     with torch.no_grad(), unpadded_linears(model):
-        model(torch.zeros(1, 3, 352, 352))
+        model(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
     return ops["linear"], ops["conv"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .io import nifti_stem
 
-Table = dict[int, tuple[str, tuple[int, int, int]]]  # label -> (name, (r, g, b))
+Table = dict[int, tuple[str, tuple[int, int, int]]]  # label -> (name, (r, g, b) 0..255)
 
 
 def itksnap_path(nifti: Path) -> Path:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .geometry import mask_bbox
+
 # 8-connectivity: a diagonal touch joins two pixels of one structure.
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 # A positive point on a weak region grows over pixels at least this share of its own probability.
@@ -170,8 +172,8 @@ def _negative_side(component, target, anchors, probability, split) -> np.ndarray
     """The pixels of a region that belong with the negative point rather than with the anchors."""
     if split == "nearest":
         return _nearer_to(component.shape, target, anchors)
-    rows, cols = np.flatnonzero(component.any(1)), np.flatnonzero(component.any(0))
-    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    (r0, r1), (c0, c1) = mask_bbox(component)
+    window = (slice(r0, r1), slice(c0, c1))
     inside = component[window]
     depth = ndimage.distance_transform_edt(inside)
     shape_cost = 1.0 - depth / max(float(depth.max()), 1e-9)
@@ -183,8 +185,8 @@ def _negative_side(component, target, anchors, probability, split) -> np.ndarray
     elevation = np.where(inside, np.round(cost * 60000), 65535).astype(np.uint16)
     markers = np.zeros(inside.shape, dtype=np.int16)
     for r, c in anchors:
-        markers[r - rows[0], c - cols[0]] = 1
-    markers[target[0] - rows[0], target[1] - cols[0]] = 2
+        markers[r - r0, c - c0] = 1
+    markers[target[0] - r0, target[1] - c0] = 2
     flooded = ndimage.watershed_ift(elevation, markers, structure=_CONNECTIVITY)
     side = np.zeros(component.shape, dtype=bool)
     side[window] = (flooded == 2) & inside

@@ -27,9 +27,9 @@ from .io import (
     write_all_or_nothing,
     write_labels,
 )
+from .label_files import Table
 from .objects import label_colour
 
-Table = dict[int, tuple[str, tuple[int, int, int]]]  # label -> (name, (r, g, b) 0..255)
 DICOM_SEG_SUFFIXES = (".dcm",)
 SLICER_SUFFIX = ".seg.nrrd"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -12,12 +12,13 @@ import multiprocessing as mp
 import numpy as np
 from scipy import ndimage
 
+from ..geometry import mask_bbox
 from ..models import InputSpec
 from ..preprocess import Crop, axis_plane, crop_for_box, plan_views, sample_crop, to_model_input
 from ..prompt_maps import click_map, is_prompted, prior_in_crop, write_prompts
 from . import prompt_sim
 from .augment import deform, jitter_views, paint_lesion, remap_intensity, synth_image
-from .datasets import CaseSpec
+from .datasets import TrainingCase
 from .sources import Source, load_sources
 
 AXIAL_WEIGHT = 0.6  # share of crops from the last (superior-inferior) axis
@@ -56,11 +57,6 @@ def jitter_box(rng, box, shape) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in out)
 
 
-def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-
-
 def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None, box=None, crop=None):
     """(3xSxS model input, SxS bool target) for a box around mask2d (or a given crop).
 
@@ -72,7 +68,8 @@ def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None
         target = sample_crop(mask2d.astype(np.float32), crop, size, fill=0.0) > 0.5
         return to_model_input(raw, views, spec), target
     if box is None:
-        box = bbox(mask2d)
+        (r0, r1), (c0, c1) = mask_bbox(mask2d)
+        box = (r0, c0, r1, c1)
         if rng is not None:
             box = jitter_box(rng, box, mask2d.shape)
     margin, min_pixels = spec.margin, None
@@ -248,10 +245,10 @@ def box_crop_prompts(rng, x: np.ndarray, target: np.ndarray, spec: InputSpec) ->
 def _click_crop(rng, mask, click, spacing2d) -> Crop:
     """A physically square crop around a click, 0.7-4x the structure's extent, off-centre as
     the engine's fixed-size crops around a click are."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    extent_mm = max((rows[-1] + 1 - rows[0]) * spacing2d[0], (cols[-1] + 1 - cols[0]) * spacing2d[1])
+    (r0, r1), (c0, c1) = mask_bbox(mask)
+    extent_mm = max((r1 - r0) * spacing2d[0], (c1 - c0) * spacing2d[1])
     side_mm = max(extent_mm * float(np.exp(rng.uniform(np.log(0.7), np.log(4.0)))), 12 * min(spacing2d))
-    centre = np.array([(rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2])
+    centre = np.array([(r0 + r1) / 2, (c0 + c1) / 2])
     point = np.array(click) + 0.5
     middle = point + (centre - point) * rng.uniform(0, 1)
     half = side_mm / np.array(spacing2d) / 2
@@ -290,7 +287,7 @@ class CropStream:
     speed; worker 0 draws exactly what a one-worker stream draws. More workers keep a GPU fed
     (one makes ~85 crops/s at 192 px on one core)."""
 
-    def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[CaseSpec], depth=6,
+    def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[TrainingCase], depth=6,
                  workers: int = 1):
         ctx = mp.get_context("spawn")
         spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
@@ -318,7 +315,7 @@ class CropStream:
             proc.join(timeout=5)
 
 
-def validation_set(spec: InputSpec, size, cases: list[CaseSpec], n: int = 160, seed: int = 1234):
+def validation_set(spec: InputSpec, size, cases: list[TrainingCase], n: int = 160, seed: int = 1234):
     """Fixed crops of the validation patients' structures (real images, no lesions, framing as
     users vary it): for checkpoint choice."""
     rng = np.random.default_rng(seed)

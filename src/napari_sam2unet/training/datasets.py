@@ -28,6 +28,12 @@ SPLITS = ("train", "validation", "test")
 CASE_FILES = ("image.nii.gz", "label.nii.gz")
 
 
+def add_data_root_argument(parser) -> None:
+    """--data-root on a command that reads manifests (default: $SAM2UNET_DATA)."""
+    parser.add_argument("--data-root", default=os.environ.get(DATA_ENV),
+                        help=f"the folder a manifest's paths are relative to (default: ${DATA_ENV})")
+
+
 @dataclass(frozen=True)
 class LabelSpec:
     """A label map and which of its values are targets.
@@ -44,7 +50,7 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
-class CaseSpec:
+class TrainingCase:
     name: str
     image: Path
     labels: tuple[LabelSpec, ...]
@@ -60,9 +66,9 @@ class CaseSpec:
         return [self.image, *(label.file for label in self.labels)]
 
 
-def find_cases(paths, split: str = "train", root: str | os.PathLike | None = None) -> list[CaseSpec]:
+def find_cases(paths, split: str = "train", root: str | os.PathLike | None = None) -> list[TrainingCase]:
     """Every case under the given paths. Cases from manifests keep their own split."""
-    cases: list[CaseSpec] = []
+    cases: list[TrainingCase] = []
     for path in paths:
         cases += _cases_at(Path(path), split, root)
     if not cases:
@@ -70,9 +76,9 @@ def find_cases(paths, split: str = "train", root: str | os.PathLike | None = Non
     return cases
 
 
-def _cases_at(path: Path, split: str, root) -> list[CaseSpec]:
+def _cases_at(path: Path, split: str, root) -> list[TrainingCase]:
     if path.is_file() and path.suffix in (".yaml", ".yml", ".json") and path.name != "dataset.json":
-        return read_manifest(path, root)
+        return read_training_manifest(path, root)
     if path.is_file() and path.name == "dataset.json":
         return read_msd(path.parent, split)
     if not path.is_dir():
@@ -91,7 +97,7 @@ def _cases_at(path: Path, split: str, root) -> list[CaseSpec]:
     return found
 
 
-def read_case_folder(folder: Path, split: str) -> CaseSpec:
+def read_case_folder(folder: Path, split: str) -> TrainingCase:
     image, label = folder / CASE_FILES[0], folder / CASE_FILES[1]
     if not label.is_file():
         raise InputError(f"{folder}: {CASE_FILES[1]} is missing; every case needs a label map beside its image")
@@ -99,14 +105,14 @@ def read_case_folder(folder: Path, split: str) -> CaseSpec:
     if (folder / "case.json").is_file():
         meta = _read_json(folder / "case.json")
     names = {int(k): str(v) for k, v in (meta.get("labels") or {}).items()}
-    return CaseSpec(
+    return TrainingCase(
         name=folder.name, image=image, labels=(LabelSpec(label),), patient=str(meta.get("patient", folder.name)),
         split=str(meta.get("split", split)), modality=str(meta.get("modality", "auto")).lower(),
         licence=str(meta.get("licence", "")), source=str(meta.get("source", "")), label_names=names,
     )
 
 
-def read_msd(folder: Path, split: str) -> list[CaseSpec]:
+def read_msd(folder: Path, split: str) -> list[TrainingCase]:
     """A Decathlon (`training` list) or nnU-Net v2 (`file_ending`, `_0000` channels) dataset."""
     info = _read_json(folder / "dataset.json")
     modality = _msd_modality(info)
@@ -129,7 +135,7 @@ def read_msd(folder: Path, split: str) -> list[CaseSpec]:
             if not path.is_file():
                 raise InputError(f"{folder / 'dataset.json'} lists {path}, which does not exist")
         case = image.name.split(".")[0].removesuffix("_0000")
-        cases.append(CaseSpec(name=f"{folder.name}/{case}", image=image, labels=(LabelSpec(label),),
+        cases.append(TrainingCase(name=f"{folder.name}/{case}", image=image, labels=(LabelSpec(label),),
                               patient=f"{folder.name}/{case}", split=split, modality=modality,
                               licence=licence, source=str(info.get("name", folder.name)), label_names=names))
     if not cases:
@@ -155,7 +161,7 @@ def _msd_label_names(info: dict) -> dict[int, str]:
     return {k: v for k, v in out.items() if k != 0}
 
 
-def read_manifest(path: Path, root=None) -> list[CaseSpec]:
+def read_training_manifest(path: Path, root=None) -> list[TrainingCase]:
     """A list of cases (see the module docstring); `split` per case, paths under `root`."""
     try:
         text = path.read_text()
@@ -175,7 +181,7 @@ def read_manifest(path: Path, root=None) -> list[CaseSpec]:
             raise InputError(f"{what}: split {split!r} is not one of {', '.join(SPLITS)}")
         labels = tuple(_label_spec(base, item, what) for item in entry["labels"])
         name = str(entry.get("name", Path(entry["image"]).parent.name or entry["image"]))
-        cases.append(CaseSpec(
+        cases.append(TrainingCase(
             name=name, image=base / entry["image"], labels=labels, patient=str(entry.get("patient", name)),
             split=split, modality=str(entry.get("modality", "auto")).lower(), licence=str(entry.get("licence", "")),
             source=str(entry.get("source", "")), weight=float(entry.get("weight", 1.0)),
@@ -208,7 +214,7 @@ def _label_spec(base: Path, item, what: str) -> LabelSpec:
                      bool(item.get("union", False)), item.get("above"), str(item.get("name", "")))
 
 
-def check_splits(cases: list[CaseSpec]) -> None:
+def check_splits(cases: list[TrainingCase]) -> None:
     """Stop when a patient appears in two splits: validation would measure memory, not skill."""
     seen: dict[str, tuple[str, str]] = {}
     for case in cases:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,11 +29,11 @@ from ..errors import InputError
 from ..geometry import BOX_GROWTH, dice, enlarged_box, mask_bbox
 from ..preprocess import axis_plane, plan_views
 from ..prompts import Box, Point, Prompts
+from .datasets import SPLITS, add_data_root_argument
 from .prompt_sim import deepest_point, error_click, largest_region
 
 MIN_VOXELS = 50  # structures smaller than this in the whole volume are not scored
 SMALL_VOXELS = 500  # structures below this are reported as "small" too
-ENLARGE = BOX_GROWTH
 BOX_PROTOCOLS = ("tight", "jittered", "interpolated", "propagated")
 CLICK_PROTOCOLS = ("corrected", "clicks", "click_propagated")
 PROTOCOLS = BOX_PROTOCOLS + CLICK_PROTOCOLS
@@ -88,7 +87,7 @@ def make_cases(scan: str, labels: np.ndarray, axis: int, seed: int, min_voxels: 
             if not plane.any():
                 continue
             rows, cols = mask_bbox(plane)
-            case.boxes["tight"].append(Box(k, *enlarged_box(rows, cols, plane.shape, ENLARGE)))
+            case.boxes["tight"].append(Box(k, *enlarged_box(rows, cols, plane.shape, BOX_GROWTH)))
             case.boxes["jittered"].append(Box(k, *jittered_box(rng, rows, cols, plane.shape)))
             middle = Point(k, *(v + 0.5 for v in deepest_point(largest_region(plane))))
             case.points["clicks"].append(middle)
@@ -232,17 +231,17 @@ def evaluate(
 ) -> dict:
     """Dice per case for each method and protocol; returns a JSON-ready report.
 
-    scans: CaseSpec objects (datasets.py) or (image, label map) path pairs. margin: evaluate
+    scans: TrainingCase objects (datasets.py) or (image, label map) path pairs. margin: evaluate
     with this crop margin instead of the card's (to measure how much framing matters).
     """
     from ..backends.pool import BackendPool
     from ..engine import Engine
     from ..segment_case import SegmentOptions
-    from .datasets import CaseSpec, LabelSpec
+    from .datasets import LabelSpec, TrainingCase
 
-    specs = [s if isinstance(s, CaseSpec) else CaseSpec(Path(s[0]).name, Path(s[0]), (LabelSpec(Path(s[1])),), "")
-             for s in scans]
-    report: dict = {"axis": axis, "window": window, "seed": seed, "enlarge": ENLARGE, "margin": margin,
+    specs = [s if isinstance(s, TrainingCase)
+             else TrainingCase(Path(s[0]).name, Path(s[0]), (LabelSpec(Path(s[1])),), "") for s in scans]
+    report: dict = {"axis": axis, "window": window, "seed": seed, "enlarge": BOX_GROWTH, "margin": margin,
                     "threshold": threshold,
                     "protocols": list(protocols), "cases": [], "methods": {}}
     loaded = load_cases(specs, axis, seed, min_voxels)
@@ -345,10 +344,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="cases to score: a manifest, case folders or an MSD dataset (default: the bundled "
                    "model's manifest)")
-    p.add_argument("--split", default="test", choices=("train", "validation", "test"),
+    p.add_argument("--split", default="test", choices=SPLITS,
                    help="which split of a manifest to score (folders count as this split)")
-    p.add_argument("--data-root", default=os.environ.get("SAM2UNET_DATA"),
-                   help="the folder a manifest's paths are relative to (default: $SAM2UNET_DATA)")
+    add_data_root_argument(p)
     p.add_argument("--margin", type=float, default=None, help="crop margin instead of the card's")
     p.add_argument("--protocol", action="append", choices=PROTOCOLS, default=None,
                    help="score only these protocols (repeat; default: all): boxes on every slice (tight, "
@@ -421,7 +419,7 @@ def update_card(model: str | None, report: dict, scans) -> Path:
         "scans": [_scan_name(scan) for scan in scans],
         "cases": len(report["cases"]),
         "min_voxels": int(min(c["voxels"] for c in report["cases"])) if report["cases"] else None,
-        "enlarge": ENLARGE,
+        "enlarge": BOX_GROWTH,
         "jitter_seed": report["seed"],
         "mean_dice": {name: report["summary"][name] for name in [own] + [n for n in names if n != own]},
     }

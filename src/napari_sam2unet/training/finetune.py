@@ -25,6 +25,8 @@ import numpy as np
 from ..errors import InputError, ModelError, require_torch
 from ..models import DEFAULT_MODEL as DEFAULT_NAME
 from ..models import THRESHOLD, InputSpec
+from ..terminal import progress_bar
+from .datasets import add_data_root_argument
 
 MIN_PIXELS = 4  # a structure smaller than this on a slice gives no training box
 MAX_VALIDATION = 48  # held-out slices scored before and after (evenly spread)
@@ -236,7 +238,7 @@ def cases_data(paths, channels: str, root=None, axis: int = 2, window: str = "au
 
 
 def specs_data(cases, channels: str, axis: int = 2, window: str = "auto") -> Labelled:
-    """cases_data for CaseSpec objects (datasets.py): train cases train, validation cases score."""
+    """cases_data for TrainingCase objects (datasets.py): train cases train, validation cases score."""
     from ..io import read_volume
     from ..models import sha256_file
     from .sources import load_layer, split_cases
@@ -289,10 +291,10 @@ def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int, deform
     """n crops of random items: box jittered as drawn, framing varied, flips, window jitter,
     (with probability deform) a small rotation and rescaling, and (with probability exact) the
     box and framing the evaluation uses (outline + 10%, the card's margin)."""
+    from ..geometry import BOX_GROWTH, enlarged_box, mask_bbox
     from ..preprocess import View
     from ..prompt_maps import is_prompted
-    from .data import bbox, box_crop_prompts, make_crop
-    from .evaluate import ENLARGE, enlarged_box
+    from .data import box_crop_prompts, make_crop
 
     xs, ys = [], []
     while len(xs) < n:
@@ -312,8 +314,7 @@ def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int, deform
                           for v in views)
         img, mask = np.ascontiguousarray(img), np.ascontiguousarray(mask)
         if exact and rng.random() < exact:
-            r0, c0, r1, c1 = bbox(mask)
-            box = enlarged_box((r0, r1), (c0, c1), mask.shape, ENLARGE)
+            box = enlarged_box(*mask_bbox(mask), mask.shape, BOX_GROWTH)
             x, y = make_crop(img, mask, spacing, views, spec, size, box=box)
         else:
             x, y = make_crop(img, mask, spacing, views, spec, size, rng)
@@ -327,13 +328,12 @@ def training_batch(rng, items: list[Item], spec: InputSpec, size, n: int, deform
 
 def validation_crops(items: list[Item], spec: InputSpec, size):
     """One fixed crop per item: the outline's box enlarged by 10% (eval's tight protocol)."""
-    from .data import bbox, make_crop
-    from .evaluate import ENLARGE, enlarged_box
+    from ..geometry import BOX_GROWTH, enlarged_box, mask_bbox
+    from .data import make_crop
 
     xs, ys = [], []
     for item in items:
-        r0, c0, r1, c1 = bbox(item.mask)
-        box = enlarged_box((r0, r1), (c0, c1), item.mask.shape, ENLARGE)
+        box = enlarged_box(*mask_bbox(item.mask), item.mask.shape, BOX_GROWTH)
         x, y = make_crop(item.image, item.mask, item.spacing, item.views, spec, size, box=box)
         xs.append(x)
         ys.append(y)
@@ -616,8 +616,7 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--label", type=int, action="append", default=None, help="only this label value (repeat)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="instead of --image: case folders, MSD datasets or manifests, as train --data")
-    p.add_argument("--data-root", default=os.environ.get("SAM2UNET_DATA"),
-                   help="the folder a manifest's paths are relative to (default: $SAM2UNET_DATA)")
+    add_data_root_argument(p)
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     p.add_argument("--window", default="auto")
     p.add_argument("--out", type=Path, default=None,
@@ -688,25 +687,17 @@ def run_finetune(args) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say(f"base {base.name}: {base.how}; {len(data.train)} structure slices to train on, "
         f"{len(data.validation)} to score ({data.validation_what})")
-    bar = None
-    if not args.quiet and sys.stderr.isatty():
-        from tqdm import tqdm
+    with progress_bar(args.quiet, "step", settings.steps) as bar:
 
-        bar = tqdm(total=settings.steps, unit="step", file=sys.stderr, leave=False)
+        def progress(report: Progress) -> None:
+            if bar is not None:
+                bar.n = report.step
+                bar.set_postfix_str(report.what if report.loss != report.loss else f"loss {report.loss:.3f}")
+            elif report.step and (report.step % 50 == 0 or report.step == report.total) and report.loss == report.loss:
+                say(f"step {report.step}/{report.total} loss {report.loss:.3f}")
 
-    def progress(report: Progress) -> None:
-        if bar is not None:
-            bar.n = report.step
-            bar.set_postfix_str(report.what if report.loss != report.loss else f"loss {report.loss:.3f}")
-        elif report.step and (report.step % 50 == 0 or report.step == report.total) and report.loss == report.loss:
-            say(f"step {report.step}/{report.total} loss {report.loss:.3f}")
-
-    try:
         result = finetune(base, data, out, settings, args.name, args.overwrite, progress,
                           getattr(args, "command_line", None))
-    finally:
-        if bar is not None:
-            bar.close()
     say(f"validation Dice {result.dice_before:.3f} -> {result.dice_after:.3f} after {settings.steps} steps "
         f"({result.seconds:.0f} s); wrote {result.onnx} and {result.card}")
     _say_where(out, say)

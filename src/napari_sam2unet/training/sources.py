@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..preprocess import View, guess_modality, plan_views
-from .datasets import CaseSpec, LabelSpec, check_splits
+from .datasets import LabelSpec, TrainingCase, check_splits
 
 MIN_AREA = 12  # pixels of a structure on a slice for it to be a training target
 
@@ -113,7 +113,7 @@ def load_layer(spec: LabelSpec, image: np.ndarray, what: str) -> Layer:
     return Layer(labels.astype(np.int16) if labels.max() < 32767 else labels, ids)
 
 
-def load_case(case: CaseSpec) -> Source:
+def load_case(case: TrainingCase) -> Source:
     """A case's image and label layers, checked, with the slices each structure covers."""
     image, spacing = _load(case.image)
     if np.iscomplexobj(image) or image.ndim != 3:
@@ -128,7 +128,7 @@ def load_case(case: CaseSpec) -> Source:
     return source
 
 
-def load_sources(cases: list[CaseSpec]) -> list[Source]:
+def load_sources(cases: list[TrainingCase]) -> list[Source]:
     return [load_case(case) for case in cases]
 
 
@@ -161,7 +161,7 @@ def synthetic_label_map(image: np.ndarray, layers: list[Layer], modality: str) -
     return synth
 
 
-def split_cases(cases: list[CaseSpec]) -> dict[str, list[CaseSpec]]:
+def split_cases(cases: list[TrainingCase]) -> dict[str, list[TrainingCase]]:
     """Cases by split, after checking no patient sits in two splits."""
     check_splits(cases)
     return {split: [c for c in cases if c.split == split] for split in ("train", "validation", "test")}

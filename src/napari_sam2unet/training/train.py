@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, require_torch
-from ..models import CHANNEL_MODES, INPUT_SIZE, MARGIN, InputSpec
+from ..models import CHANNEL_MODES, CROP_MODES, INPUT_SIZE, MARGIN, InputSpec
 from ..prompt_maps import PROMPTED, is_prompted
+from .datasets import add_data_root_argument
 
 EVAL_SIZE = INPUT_SIZE  # the model contract; validation always runs at this size
 
@@ -650,8 +651,7 @@ def add_train_parser(subparsers) -> None:
                    "(.yaml/.json with splits); default: the bundled model's manifest")
     p.add_argument("--val-data", nargs="+", default=None, metavar="PATH",
                    help="validation cases, in the same layouts (manifests keep their own splits)")
-    p.add_argument("--data-root", default=os.environ.get("SAM2UNET_DATA"),
-                   help="the folder a manifest's paths are relative to (default: $SAM2UNET_DATA)")
+    add_data_root_argument(p)
     p.add_argument("--out-dir", default="runs/compact", help="checkpoints and log.jsonl")
     p.add_argument("--export", default=None, help="write the best EMA model to this .onnx (+ card)")
     p.add_argument("--name", default=None, help="model name in the card (default: file stem)")
@@ -675,7 +675,7 @@ def add_train_parser(subparsers) -> None:
                    help="prompted models: up to this many rounds of clicks on the model's own errors per batch")
     p.add_argument("--click-share", type=float, default=0.5,
                    help="prompted models: share of batches that get those rounds")
-    p.add_argument("--crop", choices=("square", "box_aspect"), default="box_aspect")
+    p.add_argument("--crop", choices=CROP_MODES, default="box_aspect")
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-crops", type=int, default=160)
