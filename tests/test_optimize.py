@@ -132,7 +132,7 @@ def test_candidates_are_timed_in_turn():
 
         def run(self, _, feed):
             calls.append(self.name)
-            return [np.zeros((1, 1, optimize.SIZE, optimize.SIZE), np.float32)]
+            return [np.zeros((1, 1, optimize.INPUT_SIZE, optimize.INPUT_SIZE), np.float32)]
 
     times = optimize.interleaved_times([Recorder("a"), Recorder("b"), Recorder("c")], rounds=3)
     assert calls == ["a", "b", "c"] * 4

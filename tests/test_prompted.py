@@ -306,7 +306,7 @@ def test_npu_calibration_inputs_carry_prompts_as_the_engine_draws_them(tmp_path,
     from conftest import write_nifti
 
     from napari_sam2unet.backends.onnx import OnnxBackend
-    from napari_sam2unet.qnn.slices import Scan, engine_inputs
+    from napari_sam2unet.convert.qnn_slices import Scan, engine_inputs
 
     data, truth = sphere_volume()
     image = write_nifti(tmp_path / "ball.nii.gz", data)

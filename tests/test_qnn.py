@@ -44,12 +44,12 @@ import onnxruntime_qnn  # noqa: E402, F401
 
 from napari_sam2unet._sample_data import sample_paths  # noqa: E402
 from napari_sam2unet.backends import open_backend  # noqa: E402
+from napari_sam2unet.backends import qnn_runtime as runtime  # noqa: E402
 from napari_sam2unet.backends.aidlite import AidliteBackend  # noqa: E402
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
 from napari_sam2unet.backends.qnn import QnnBackend  # noqa: E402
-from napari_sam2unet.qnn import runtime  # noqa: E402
-from napari_sam2unet.qnn.build import build_npu_binary  # noqa: E402
-from napari_sam2unet.qnn.slices import Scan, engine_inputs, sample_scan  # noqa: E402
+from napari_sam2unet.convert.qnn_build import build_npu_binary  # noqa: E402
+from napari_sam2unet.convert.qnn_slices import Scan, engine_inputs, sample_scan  # noqa: E402
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

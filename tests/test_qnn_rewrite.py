@@ -15,10 +15,10 @@ import pytest
 onnx = pytest.importorskip("onnx", reason="the QNN-ready export needs onnx ([qnn] or [testing] extra)")
 
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
+from napari_sam2unet.convert import qnn_rewrite as rewrite  # noqa: E402
 from napari_sam2unet.errors import ModelError  # noqa: E402
 from napari_sam2unet.models import find_model, load_card  # noqa: E402
 from napari_sam2unet.preprocess import crop_for_slice, plan_views, sample_crop, to_model_input  # noqa: E402
-from napari_sam2unet.qnn import rewrite  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MR = DATA / "totalseg" / "example_mr_sm.nii.gz"

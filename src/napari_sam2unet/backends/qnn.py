@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..models import ModelCard, NpuBinary
-from ..qnn import runtime
+from . import qnn_runtime as runtime
 from .base import Backend, checked_batch
 from .qnn_binary import DOCS, check_binary, dequantise, detect_soc, quantise, same_soc, select_binary
 

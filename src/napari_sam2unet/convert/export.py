@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, require_torch
-from ..models import INPUT_SIZE, InputSpec, card_fields, sha256_file, write_card
+from ..models import INPUT_SIZE, LAYOUTS, InputSpec, card_fields, sha256_file, write_card
+from .graph import BATCH_CHOICES, INPUT_NAME, OPSET, OUTPUT_NAME, export_fp32, quantize_int8
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-OPSET = 18
 LICENCES = {
     "official": "SAM2-UNet weights: see the checkpoint's licence (SAM2 trunk: Apache-2.0)",
 }
@@ -26,110 +24,6 @@ LICENCES = {
 
 def _import_torch():
     return require_torch("exporting")
-
-
-def _first_logits_module(model, layout: str):
-    """Wrap a Sam2Unet so the graph has one output and optionally NHWC input/output."""
-    torch = _import_torch()
-
-    class FirstLogits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, image):
-            if layout == "nhwc":
-                image = image.permute(0, 3, 1, 2)
-            logits = self.inner(image)[0]
-            if layout == "nhwc":
-                logits = logits.permute(0, 2, 3, 1)
-            return logits
-
-    return FirstLogits(model)
-
-
-def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise ModelError(f"--{what} is {value!r}; use one of {', '.join(allowed)}")
-
-
-def export_fp32(
-    model, out_path: Path, batch: str = "dynamic", layout: str = "nchw", fold: bool = True, **trace_options
-) -> Path:
-    """Write the fp32 ONNX graph of `model` (a Sam2Unet) at 352x352.
-
-    `fold`: run torch.onnx's own graph optimiser (constant folding, dead code). False skips it:
-    onnxruntime folds the graph at load anyway, and on the edge-window rewrite of Hiera-L
-    (optimize.py) that optimiser takes most of the export's ten minutes. `trace_options` go to
-    trace_onnx (optimize.py's custom attention translation)."""
-    _import_torch()
-    _check_choice(batch, ("dynamic", "1"), "batch")
-    _check_choice(layout, ("nchw", "nhwc"), "layout")
-    model = model.eval()
-    encoder = model.encoder
-    grid = (model.config.work_size or INPUT_SIZE) // model.config.patch_stride
-    # Fold the bicubic resize of the position embedding into one constant for this grid.
-    encoder.fix_position_embedding(grid, grid)
-    try:
-        trace_onnx(_first_logits_module(model, layout).eval(), out_path, batch, layout, fold, **trace_options)
-    finally:
-        encoder.release_position_embedding()
-    return out_path
-
-
-def trace_onnx(
-    wrapper,
-    out_path: Path,
-    batch: str = "dynamic",
-    layout: str = "nchw",
-    fold: bool = True,
-    custom_translation_table: dict | None = None,
-) -> Path:
-    """Trace a module with one image input and one logit output to ONNX at 352x352 (`fold`:
-    torch.onnx's graph optimiser, see export_fp32)."""
-    torch = _import_torch()
-    # The dynamo exporter fails with a batch-1 example and a dynamic batch ("Invalid
-    # ranges"); a batch-2 example traces the same graph.
-    example_batch = 2 if batch == "dynamic" else 1
-    shape = (example_batch, 3, INPUT_SIZE, INPUT_SIZE)
-    if layout == "nhwc":
-        shape = (example_batch, INPUT_SIZE, INPUT_SIZE, 3)
-    dynamic = None
-    if batch == "dynamic":
-        dynamic = {"image": {0: torch.export.Dim("batch", min=1, max=64)}}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper,
-            (torch.zeros(shape),),
-            str(out_path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes=dynamic,
-            optimize=fold,
-            custom_translation_table=custom_translation_table,
-        )
-    return out_path
-
-
-def quantize_int8(fp32_path: Path, out_path: Path, op_types: tuple[str, ...] = ("MatMul",)) -> Path:
-    """Dynamic int8 quantisation of the weights of `op_types` (MatMul only by default:
-    quantising the convolutions too is slower than fp32 on CPU, see docs/performance-models.md)."""
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(fp32_path),
-        str(out_path),
-        op_types_to_quantize=list(op_types),
-        weight_type=QuantType.QInt8,
-        # onnx's shape inference gives contrib operators' outputs (MultiHeadAttention) no type.
-        extra_options={"DefaultTensorType": TensorProto.FLOAT},
-    )
-    return out_path
 
 
 def card_dict(
@@ -162,15 +56,15 @@ def card_dict(
             "checkpoint_sha256": sha256_file(checkpoint),
         }
     card["licence"] = LICENCES["official"]
-    _merge(card, extra or {})
+    merge_card(card, extra or {})
     return card
 
 
-def _merge(base: dict, extra: dict) -> None:
+def merge_card(base: dict, extra: dict) -> None:
     """Recursive update: nested dicts (input, architecture, ...) are merged, not replaced."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge_card(base[key], value)
         else:
             base[key] = value
 
@@ -206,7 +100,7 @@ def export_onnx(
         if int8:
             raise ModelError("--optimize chooses the precision itself; drop --int8")
         found = optimize_export(model, out_path, batch, layout, volumes=calibration)
-        _merge(found, card_extra or {})
+        merge_card(found, card_extra or {})
         card_extra = found
     elif int8:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
@@ -229,14 +123,14 @@ def export_onnx(
 
 
 def export_qnn_ready(model, out_path: str | os.PathLike, config_name: str, **options) -> Path:
-    """Export for the QNN HTP compiler: batch 1, only operators QNN takes (see qnn/rewrite.py).
+    """Export for the QNN HTP compiler: batch 1, only operators QNN takes (see qnn_rewrite.py).
 
     The plain export is rewritten in place, each rewrite checked against it within 1e-4; the
     card records the differences measured. Returns the card path.
     """
     import yaml
 
-    from ..qnn.rewrite import make_qnn_ready
+    from .qnn_rewrite import make_qnn_ready
 
     if options.get("int8") or options.get("optimize"):
         raise ModelError("--target qnn quantises with calibration data in `sam2unet npu build`; drop --int8")
@@ -277,8 +171,8 @@ def add_export_parser(subparsers) -> None:
         default=None,
         help="--optimize: NIfTI scans to calibrate and check on (default: the bundled sample MRI)",
     )
-    parser.add_argument("--batch", choices=("dynamic", "1"), default="dynamic")
-    parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
+    parser.add_argument("--batch", choices=BATCH_CHOICES, default="dynamic")
+    parser.add_argument("--layout", choices=LAYOUTS, default="nchw")
     parser.add_argument("--name", default=None, help="model name in the card (default: file stem)")
     parser.add_argument(
         "--target",

@@ -22,8 +22,9 @@ import numpy as np
 
 from ..errors import ModelError
 from ..geometry import dice
+from ..models import INPUT_SIZE
+from .graph import export_fp32, quantize_int8
 
-SIZE = 352
 MIN_DICE = 0.97
 EXACT = 1e-3  # a largest logit difference this share of the logits' spread is the same model
 # Calibration and parity slices come from different positions of the same scans.
@@ -250,13 +251,11 @@ def unpadded_linears(model, fused_attention: bool = False):
 def export_unpadded(
     model, out_path: Path, batch: str = "dynamic", layout: str = "nchw", fused_attention: bool = False
 ) -> Path:
-    """The fp32 export (export.export_fp32) with padded windows skipped in the Linears
+    """The fp32 export (graph.export_fp32) with padded windows skipped in the Linears
     (`fused_attention`: and attention as com.microsoft.MultiHeadAttention).
 
     Without torch.onnx's graph optimiser (fold=False): on Hiera-L's cut windows it took most of
     an eleven-minute export. onnxruntime's basic optimiser folds the constants instead (ort_fold)."""
-    from .export import export_fp32
-
     table = translations() if fused_attention else None
     with unpadded_linears(model, fused_attention):
         export_fp32(model, out_path, batch, layout, fold=False, custom_translation_table=table)
@@ -305,7 +304,7 @@ def real_slices(paths=None, count: int = CALIBRATION_SLICES + PARITY_SLICES) -> 
         for k in np.linspace(0.2 * depth, 0.8 * (depth - 1), share).astype(int):
             plane = volume.data[:, :, k]
             crop = crop_for_slice(plane.shape, volume.spacing[:2], spec.crop)
-            out.append(to_model_input(sample_crop(plane, crop, (SIZE, SIZE)), views, spec))
+            out.append(to_model_input(sample_crop(plane, crop, (INPUT_SIZE, INPUT_SIZE)), views, spec))
     return np.stack(out).astype(np.float32)
 
 
@@ -391,7 +390,7 @@ def logits(sess, slices: np.ndarray, layout: str = "nchw") -> np.ndarray:
     """N x 1 x H x W logits, one slice a run (as the engine runs a batch-1 model)."""
     name = sess.get_inputs()[0].name
     out = [sess.run(None, {name: _layout(s[None], layout)})[0] for s in slices]
-    return np.concatenate(out).reshape(len(slices), 1, SIZE, SIZE)
+    return np.concatenate(out).reshape(len(slices), 1, INPUT_SIZE, INPUT_SIZE)
 
 
 # Each round runs every candidate once, in turn.
@@ -402,7 +401,7 @@ def interleaved_times(sessions, rounds: int = TIMING_ROUNDS, layout: str = "nchw
     """Seconds of `rounds` batch-1 runs of each session, after a warm-up run of each. The
     sessions run in turn, round after round, so a shared machine's changing load hits all
     alike (timed one after another, each would be timed at the load of its turn)."""
-    x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, INPUT_SIZE, INPUT_SIZE)).astype(np.float32)
     for sess in sessions:
         logits(sess, x, layout)
     times: list[list[float]] = [[] for _ in sessions]
@@ -484,8 +483,6 @@ def candidates(
     `plain`: the export without the rewrites, quantised as `--int8` does, so that --optimize
     is never slower than --int8 (on tiny the edge windows' extra operators cost more than
     they save)."""
-    from .export import quantize_int8
-
     fused = fuse(fp32, workdir / "fused.onnx")
     out = {"fp32": fused, "int8-dynamic (MatMul)": quantize_int8(fused, workdir / "dynamic.onnx")}
     if plain is not None:
@@ -509,8 +506,6 @@ def optimize_export(
     """Write the fastest candidate graph that passes the parity check to `out_path`; return
     what the card records (precision, the check's figures, every candidate's time and Dice).
     `fused_attention`: the rewritten graph's attention as MultiHeadAttention (export_unpadded)."""
-    from .export import export_fp32
-
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         fp32 = export_unpadded(model, Path(tmp) / "fp32.onnx", batch, layout, fused_attention)
         plain = export_fp32(model, Path(tmp) / "plain.onnx", batch, layout)
@@ -530,7 +525,7 @@ def optimize_graph(
     rounds: int = TIMING_ROUNDS,
 ) -> dict[str, Any]:
     """optimize_export from an fp32 graph of `model` already exported (by export_unpadded);
-    `plain`: its export without the rewrites (export.export_fp32), a candidate too. The
+    `plain`: its export without the rewrites (graph.export_fp32), a candidate too. The
     candidates' ms are medians of `rounds` batch-1 runs, timed in turn (interleaved_times)."""
     calibration, held_out = split_slices(real_slices(volumes))
     reference = reference_logits(model, held_out)

@@ -625,14 +625,15 @@ def export(args, best_path: Path) -> Path:
 
 def export_plain(model, onnx_path: Path, extra: dict, name: str | None) -> Path:
     """Export a plain torch model (first output only) with a card."""
-    from ..convert.export import INPUT_NAME, OUTPUT_NAME, _first_logits_module, _merge, trace_onnx
+    from ..convert.export import merge_card
+    from ..convert.graph import INPUT_NAME, OUTPUT_NAME, first_logits_module, trace_onnx
     from ..models import card_fields, write_card
 
-    trace_onnx(_first_logits_module(model, "nchw").eval(), onnx_path)
+    trace_onnx(first_logits_module(model, "nchw").eval(), onnx_path)
     spec = InputSpec(shape=(-1, 3, EVAL_SIZE, EVAL_SIZE), name=INPUT_NAME)
     card = card_fields(onnx_path, spec, name, OUTPUT_NAME)
     card["architecture"] = {"family": "plain-unet", "parameters": sum(p.numel() for p in model.parameters())}
-    _merge(card, extra)
+    merge_card(card, extra)
     return write_card(card, onnx_path.with_suffix(".yaml"))
 
 

@@ -1,6 +1,6 @@
 """`sam2unet npu build`: a model card's ONNX -> a QNN context binary for one SoC, with its card entry.
 
-Steps: the QNN-ready graph (rewrite.py), Qualcomm's preprocessing (Erf -> Gelu), quantisation
+Steps: the QNN-ready graph (qnn_rewrite.py), Qualcomm's preprocessing (Erf -> Gelu), quantisation
 calibrated on real slices the engine prepares, compilation by the QNN HTP compiler through
 onnxruntime's QNN execution provider (EP context with the binary beside it), then parity of the
 binary, run by the `qnn` backend, against the CPU model. The card gets an `npu` entry (what the
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..backends import qnn_runtime as runtime
 from ..errors import ModelError
 from ..models import ModelCard, find_model, sha256_file, write_card
-from . import runtime
-from .slices import Scan, engine_inputs, sample_scan, set_hash
+from .qnn_slices import Scan, engine_inputs, sample_scan, set_hash
 
 # precision -> (activation bits, weight bits); None: float16 on the HTP, no quantisation.
 PRECISIONS = {"a16w8": (16, 8), "a8w8": (8, 8), "fp16": None}
@@ -146,7 +146,7 @@ def build_npu_binary(
         folder = Path(tmp)
         from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
-        from .rewrite import make_qnn_ready
+        from .qnn_rewrite import make_qnn_ready
 
         make_qnn_ready(card.file, folder / "ready.onnx")
         model = folder / "preprocessed.onnx"
