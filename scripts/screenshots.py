@@ -18,6 +18,7 @@ from scipy import ndimage
 from napari_sam2unet._finetune_widget import FinetuneWidget
 from napari_sam2unet._sample_data import SAMPLE_LIVER, sample_paths
 from napari_sam2unet._widget import SegmentWidget
+from napari_sam2unet.geometry import mask_bbox
 from napari_sam2unet.io import read_volume
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
@@ -59,11 +60,10 @@ def main() -> None:
     # A box around the liver, as a user drags it (napari data coordinates).
     truth = np.asarray(read_volume(labels_path).data)
     liver = truth[:, :, SLICE] == SAMPLE_LIVER
-    rows, cols = np.flatnonzero(liver.any(1)), np.flatnonzero(liver.any(0))
+    (r0, r1), (c0, c1) = mask_bbox(liver)
     points, shapes = widget.add_prompt_layers()
     widget.label_name.value = "liver"
-    corners = [[rows[0] - 2, cols[0] - 2, SLICE], [rows[0] - 2, cols[-1] + 2, SLICE],
-               [rows[-1] + 2, cols[-1] + 2, SLICE], [rows[-1] + 2, cols[0] - 2, SLICE]]
+    corners = [[r0 - 2, c0 - 2, SLICE], [r0 - 2, c1 + 1, SLICE], [r1 + 1, c1 + 1, SLICE], [r1 + 1, c0 - 2, SLICE]]
     shapes.add_rectangles(np.array(corners, dtype=float))
     shoot(viewer, "1-box-prompt.png")
 
