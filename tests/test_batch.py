@@ -463,3 +463,20 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_sigterm_mid_batch_exits_143_and_keeps_the_finished_cases(real_data, tmp_path, model):
+    """`kill` or a job scheduler's time limit after some cases: exit 143 (it was 130), the report
+    says what finished, and no worker prints a traceback."""
+    rows = [{"case": f"mr{n:02d}", "image": str(real_data / MR), "box": f"{n % 20}:20,20,60,60"} for n in range(12)]
+    manifest = _write_csv(tmp_path / "cohort.csv", rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "napari_sam2unet.cli", "batch", str(manifest), "-o", str(out),
+               "--model", model, "--workers", "1"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_any(out, run)
+    os.kill(run.pid, signal.SIGTERM)
+    _, error = run.communicate(timeout=300)
+    assert run.returncode == 143, error
+    assert error.startswith("sam2unet: terminated after ") and error.count("\n") == 1, error
+    assert "not run" in {r["status"] for r in _report(out).values()}
