@@ -1,6 +1,8 @@
 """Models that see prompts (card `channels: prompted`): drawing prompts, the engine's use of
 them (corrections, propagation, interpolation, clicks alone), and the training crops."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import sphere_volume
@@ -282,6 +284,26 @@ def test_eval_scores_the_click_protocols_through_the_engine(tmp_path, prompted_c
     assert set(report["summary"]["otsu-in-box"]) == set(BOX_PROTOCOLS)  # Otsu has no clicks
     assert scores["corrected"]["mean"] > scores["tight"]["mean"]  # the clicks added the dim part
     assert scores["clicks"]["mean"] > 0.8
+
+
+def test_eval_of_click_protocols_alone_writes_its_tables(tmp_path, prompted_card):
+    """`sam2unet eval --protocol corrected` ran to the end and then failed writing its tables:
+    the Otsu baseline has no click protocol to put beside the model's."""
+    from conftest import write_nifti
+
+    from napari_sam2unet.cli import main
+
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_seg.nii.gz", truth.astype(np.uint8))
+    out = tmp_path / "report.json"
+    code = main(["eval", "--scan", f"{image}:{labels}", "--model", str(prompted_card.card_path),
+                 "--protocol", "corrected", "--json", str(out), "--markdown", str(tmp_path / "report.md")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == [prompted_card.name]
+    assert report["summary"][prompted_card.name]["corrected"]["mean"] > 0.8
+    assert "corrected" in (tmp_path / "report.md").read_text()
 
 
 def test_fine_tuning_crops_of_a_prompted_model_carry_prompts_and_its_validation_none():

@@ -247,8 +247,8 @@ def evaluate(
     loaded = load_cases(specs, axis, seed, min_voxels)
     for _, cases in loaded:
         report["cases"] += [{"scan": c.scan, "label": c.label, "voxels": c.voxels} for c in cases]
-    if baseline:
-        boxed = [p for p in protocols if p in BOX_PROTOCOLS]
+    boxed = [p for p in protocols if p in BOX_PROTOCOLS]
+    if baseline and boxed:  # Otsu has no clicks: it scores only the box protocols asked for
         method = report["methods"].setdefault("otsu-in-box", {p: [] for p in boxed})
         for volume, cases in loaded:
             view = plan_views(volume.data, window, "replicate")[0]  # the window the models get first
@@ -323,7 +323,8 @@ def markdown_table(report: dict) -> str:
     lines += ["", "| scan | label | voxels | " + " | ".join(f"{m} ({first})" for m in methods) + " |",
               "|---" * (3 + len(methods)) + "|"]
     for index, case in enumerate(report["cases"]):
-        cells = [f"{report['methods'][m][first][index]:.3f}" for m in methods]
+        cells = [f"{report['methods'][m][first][index]:.3f}" if first in report["methods"][m] else "-"
+                 for m in methods]
         lines.append(f"| {case['scan']} | {case['label']} | {case['voxels']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
