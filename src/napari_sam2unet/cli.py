@@ -28,7 +28,7 @@ DEFAULTS = SegmentOptions()
 
 # Subcommands whose code lives beside the modules they drive: (module, add-parser function).
 _EXTRA_COMMANDS = [
-    ("napari_sam2unet.qnn.build", "add_npu_parser"),
+    ("napari_sam2unet.convert.qnn_build", "add_npu_parser"),
     ("napari_sam2unet.convert.export", "add_export_parser"),
     ("napari_sam2unet.training.train", "add_train_parser"),
     ("napari_sam2unet.training.evaluate", "add_eval_parser"),
@@ -242,9 +242,9 @@ def run_info(args: argparse.Namespace) -> int:
     import onnxruntime
 
     from .backends import explain_auto
+    from .backends import qnn_runtime as qnn
     from .errors import ModelError
     from .models import find_model
-    from .qnn import runtime as qnn
 
     print(f"napari-sam2unet {__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
