@@ -16,6 +16,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import Cancelled, InputError
+from .geometry import mask_bbox
 from .postprocess import box_mask, select_regions
 from .preprocess import (
     Crop,
@@ -326,7 +327,7 @@ class Engine:
 
     # --- running -----------------------------------------------------------------------------
 
-    def _key(self, task: SliceTask) -> tuple:
+    def _cache_key(self, task: SliceTask) -> tuple:
         prompts = (task.prior.digest if task.prior else None, task.clicks) if self.prompted else ()
         return (self.card.id, self.flip_average, self.views, self.axis, task.slice, task.crop.key(), *prompts)
 
@@ -358,7 +359,7 @@ class Engine:
         for task, logit in zip(tasks, logits):
             # Probabilities kept as uint16 (1/65535 steps): half the memory of float32, and
             # converting is ~10x faster than to float16.
-            self._cache[self._key(task)] = (_sigmoid(logit[0]) * _PROB_SCALE + 0.5).astype(np.uint16)
+            self._cache[self._cache_key(task)] = (_sigmoid(logit[0]) * _PROB_SCALE + 0.5).astype(np.uint16)
 
     def _run_tasks(self, tasks: list[SliceTask]) -> None:
         """Fill the cache for tasks that are not in it."""
@@ -373,7 +374,7 @@ class Engine:
         """
         pending = []  # (group index, at most MAX_PREPARED tasks): 1000 boxes on one slice, prepared as
         for index, group in enumerate(groups):  # one array (1.5 MiB a box), peaked at 2.3 GB
-            todo = list({self._key(t): t for t in group if self._key(t) not in self._cache}.values())
+            todo = list({self._cache_key(t): t for t in group if self._cache_key(t) not in self._cache}.values())
             pending += [(index, todo[start:start + MAX_PREPARED]) for start in range(0, len(todo), MAX_PREPARED)]
         if not pending:
             yield from range(len(groups))
@@ -395,7 +396,7 @@ class Engine:
 
     def probability(self, task: SliceTask) -> np.ndarray:
         """The model's probability for a task, in the slice's frame (zero outside the crop)."""
-        stored = self._cache[self._key(task)].astype(np.float32) * np.float32(1 / _PROB_SCALE)
+        stored = self._cache[self._cache_key(task)].astype(np.float32) * np.float32(1 / _PROB_SCALE)
         return paste_back(stored, task.crop, self.slice_shape)
 
     def postprocess(self, k: int, tasks: list[SliceTask], prompts: Prompts, threshold: float) -> np.ndarray:
@@ -693,16 +694,16 @@ def _click_score(choice, mask, probability, task, threshold, positive, negative,
 def _touches_edge(mask: np.ndarray, clip) -> bool:
     """Whether a mask reaches its crop's edge where the crop is inside the slice (it is cut off there)."""
     inside = box_mask(mask.shape, clip)
-    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    (r0, r1), (c0, c1) = mask_bbox(inside)
     edge = np.zeros_like(inside)
-    if rows[0] > 0:
-        edge[rows[0], :] = True
-    if rows[-1] < mask.shape[0] - 1:
-        edge[rows[-1], :] = True
-    if cols[0] > 0:
-        edge[:, cols[0]] = True
-    if cols[-1] < mask.shape[1] - 1:
-        edge[:, cols[-1]] = True
+    if r0 > 0:
+        edge[r0, :] = True
+    if r1 < mask.shape[0]:
+        edge[r1 - 1, :] = True
+    if c0 > 0:
+        edge[:, c0] = True
+    if c1 < mask.shape[1]:
+        edge[:, c1 - 1] = True
     return bool((mask & edge & inside).any())
 
 
@@ -773,11 +774,10 @@ def image_disagrees(mask: np.ndarray, without_prior: np.ndarray, min_share: floa
 
 def mask_box(mask: np.ndarray, margin: float) -> tuple[float, float, float, float] | None:
     """The mask's bounding box grown by the margin (and a voxel), to box the next slice."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    bbox = mask_bbox(mask)
+    if bbox is None:
         return None
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    (r0, r1), (c0, c1) = bbox
     grow_r, grow_c = (r1 - r0) * margin + 1, (c1 - c0) * margin + 1
     return (max(0.0, r0 - grow_r), max(0.0, c0 - grow_c),
             min(mask.shape[0], r1 + grow_r), min(mask.shape[1], c1 + grow_c))
