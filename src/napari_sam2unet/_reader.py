@@ -17,13 +17,11 @@ import numpy as np
 from napari.utils.notifications import show_info, show_warning
 
 from .errors import InputError
-from .io import Volume, is_nifti_path, read_volume
+from .io import INTENT_LABEL, Volume, is_nifti_path, read_volume
 from .label_files import name_features, read_label_table
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY
 from .views import opening_window, show_plane
 
-# NIFTI_INTENT_LABEL: the file says it is a label map.
-_INTENT_LABEL = 1002
 # Integer files with at most this many distinct values (all >= 0) open as labels.
 _MAX_LABEL_VALUES = 128
 
@@ -132,7 +130,7 @@ def geometry_metadata(volume: Volume) -> dict[str, Any]:
 def looks_like_labels(volume: Volume) -> bool:
     """A label map: the header says so, or integer storage with few non-negative values."""
     header = volume.header
-    if int(header.get("intent_code", 0)) == _INTENT_LABEL:
+    if int(header.get("intent_code", 0)) == INTENT_LABEL:
         return True
     if not np.issubdtype(header.get_data_dtype(), np.integer):
         return False

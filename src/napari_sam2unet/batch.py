@@ -36,6 +36,7 @@ from .errors import Cancelled, InputError, Sam2UnetError, Terminated
 from .manifest import CaseSpec, ResolvedCase, read_manifest, resolve_case
 from .options import check_folder_writable
 from .segment_case import segment_volume
+from .terminal import progress_bar
 
 INSTALL_HINT = 'sam2unet batch needs Dask (dask.distributed): pip install "napari-sam2unet[cohort]"'
 REPORT_NAME = "report.csv"
@@ -566,12 +567,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _progress_bar(quiet: bool) -> Iterator[Progress | None]:
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
+    with progress_bar(quiet, "case") as bar:
+        if bar is None:
+            yield None
+            return
 
-    with tqdm(unit="case", file=sys.stderr, leave=False) as bar:
         def update(done: int, total: int, result: CaseResult) -> None:
             bar.total, bar.n = total, done
             bar.set_postfix_str(f"{result.case}: {result.status}")

@@ -23,6 +23,7 @@ from .errors import Cancelled, Sam2UnetError, Terminated
 from .options import check_threads
 from .preprocess import WINDOW_CHOICES
 from .segment_case import SegmentOptions
+from .terminal import progress_bar
 
 DEFAULTS = SegmentOptions()
 
@@ -132,17 +133,17 @@ def run_segment(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     for note in volume.notes:
         say(f"note: {note}")
-    bar = _progress_bar(args.quiet) if prior is None else None
-
-    def show(event) -> None:
-        if isinstance(event, Opened):
-            backend = event.engine.backend
-            say(f"model {backend.card.name} on {backend.device}{_brief_reason(args.backend, backend, event.why)}")
-        elif isinstance(event, Segmented) and bar is not None:
-            bar(event.done, event.total)
-
     extra = {} if args.prior is None else {"corrected": str(args.prior.resolve()), "prior_label": args.prior_label}
-    with BackendPool() as pool:
+    with BackendPool() as pool, progress_bar(args.quiet or prior is not None, "slice") as bar:
+
+        def show(event) -> None:
+            if isinstance(event, Opened):
+                backend = event.engine.backend
+                say(f"model {backend.card.name} on {backend.device}{_brief_reason(args.backend, backend, event.why)}")
+            elif isinstance(event, Segmented) and bar is not None:
+                bar.total, bar.n = event.total, event.done
+                bar.refresh()
+
         labels, result, record = segment_volume(volume, prompts, options, pool, source=args.image, prior=prior,
                                                 record_extra=extra, on_event=show)
     model = record["model"]
@@ -201,23 +202,6 @@ def _brief_reason(asked: str, backend, why: str) -> str:
     if backend.name != "cpu" or asked != "auto":
         return f": {why}"
     return " (NPU not used: `sam2unet info` says why)" if backend.card.npu else ""
-
-
-def _progress_bar(quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="slice", file=sys.stderr, leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 def run_models(args: argparse.Namespace) -> int:

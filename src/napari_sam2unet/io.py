@@ -31,8 +31,8 @@ import numpy as np
 from .errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# The NIfTI intent code for label maps (NIFTI_INTENT_LABEL).
-_INTENT_LABEL = 1002
+# The NIfTI intent code for label maps (NIFTI_INTENT_LABEL): written here, read by the napari reader.
+INTENT_LABEL = 1002
 # Refuse volumes that would need more than this share of the available memory as float32.
 _MEMORY_SHARE = 0.5
 # Available memory (free + reclaimable page cache) as Linux reports it.
@@ -427,7 +427,7 @@ def labels_image(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
         image.header[key] = like.header[key]
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0, float(array.max(initial=0))
-    image.header.set_intent(_INTENT_LABEL)
+    image.header.set_intent(INTENT_LABEL)
     image.header["descrip"] = b"napari-sam2unet labels"
     return image
 
