@@ -12,6 +12,7 @@ NAME = "napari_sam2unet"
 # Product modules that may import training code, and why (issue 24 leaves these for later).
 TRAINING_USERS = {
     f"{NAME}._finetune_widget": "the fine-tune widget is training's GUI",
+    f"{NAME}._adapt": "Adapt to this scan, the segment widget's button, runs training's fine-tuning",
     f"{NAME}.convert.qnn_slices": "the NPU check scores corrective clicks with training.prompt_sim.error_click",
 }
 # Cycles closed only by imports inside functions, allowed for now, and why (issue 24 leaves these

@@ -55,6 +55,7 @@ class Job:
     target: Any = None  # the labels layer chosen, None: a new one
     min_overlap: float = 0.5
     layer: Any = None  # the labels layer written (set when the run starts)
+    keep: frozenset = frozenset()  # slices left as they are (the ones the user taught, after Adapt)
     created: bool = False  # the layer was made for this run
     step: Step | None = field(default=None, repr=False)
 
@@ -240,8 +241,8 @@ class RunController:
             self._lost_layer(job)
         else:
             result = message.result
-            self.write(job.obj, step, {k: result.slices[k].mask for k in result.slices if k not in step.before},
-                       live=True)
+            self.write(job.obj, step, {k: result.slices[k].mask for k in result.slices
+                                       if k not in step.before and k not in job.keep}, live=True)
             self._done = message.done
             self.show_progress(job, message.done, message.total)
 
@@ -282,6 +283,9 @@ class RunController:
             widget.tell("warning", "nothing was segmented: the prompts gave no slices to segment")
             return
         obj = job.obj
+        for k in job.keep:  # the user's slices: neither written nor refined later from this result
+            result.slices.pop(k, None)
+        obj.last_run = job  # Adapt to this scan runs it again
 
         def record(written: int) -> dict:
             return run_record(

@@ -26,6 +26,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ._adapt import ADAPT_STEPS, ADAPTED, AdaptController
 from ._dock import fold_into, scroll_into
 from ._edits import PromptEdits
 from ._object_controls import ObjectControls
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 OWN_LAYER = "the image's labels layer"
 SAVE_TIP = "The object's labels layer beside the image: NIfTI with label files, DICOM-SEG or .seg.nrrd"
 RUN_KEYS = "Shift+S: this slice; Shift+P: propagate from this slice"
+ADAPT_TIP = ("Fine-tune the object's model on the slices you prompted or corrected, then run its prompts "
+             "again with it; the model is kept for this image only")
+SAVE_MODEL_TIP = "Keep the model adapted to this image by name: it joins the model list for every image"
 
 
 def run_label(scope: str) -> str:
@@ -73,6 +77,7 @@ class SegmentWidget(Container):
         self.edits = PromptEdits(self)
         self.runs = RunController(self)
         self.volumes = VolumePicker(self)
+        self.adapt = AdaptController(self)
         self.object_controls = controls = ObjectControls(self)
         # The widget's own verbs (buttons, keys, tests), done by its parts.
         self.show_object, self.select_object = controls.show, controls.select
@@ -116,6 +121,10 @@ class SegmentWidget(Container):
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.redo_button = PushButton(text="Redo", enabled=False)
         self.save_button = PushButton(text="Save labels...", tooltip=SAVE_TIP)
+        self.adapt_button = PushButton(text="Adapt to this scan", tooltip=ADAPT_TIP)
+        self.save_model_button = PushButton(text="Save model...", enabled=False, tooltip=SAVE_MODEL_TIP)
+        self.adapt_steps = SpinBox(label="Adapt steps", min=1, max=5000, value=ADAPT_STEPS,
+                                   tooltip="Training steps of Adapt to this scan (more: slower, often better)")
         self.status = Label(label="Status", value="ready")
         self.cursor = Label(label="Cursor", value="")
         for label in (self.status, self.cursor, self.backend_info):
@@ -146,11 +155,12 @@ class SegmentWidget(Container):
             self.add_prompts_button, self.point_sign, self.auto_run,
             self.object_list, self.label_value, self.label_name, row(self.commit_button, self.clear_button),
             self.model, self.scope, self.threshold,
-            run_row, self.progress, row(self.undo_button, self.redo_button), self.save_button,
+            run_row, self.progress, row(self.undo_button, self.redo_button),
+            row(self.adapt_button, self.save_model_button), self.save_button,
             self.status, self.cursor,
         ])
         self.advanced = Container(widgets=[self.model_file, self.backend, self.backend_info, self.window,
-                                           self.min_overlap, self.target])
+                                           self.min_overlap, self.target, self.adapt_steps])
         self.advanced_section = fold_into(self.body, "Advanced options", self.advanced, before=run_row)
         self.scroll = scroll_into(self, self.body)
 
@@ -167,7 +177,8 @@ class SegmentWidget(Container):
         self.display.changed.connect(self.views.on_display)
         self.add_prompts_button.changed.connect(self.add_prompt_layers)
         self.point_sign.changed.connect(self.prompt_layers.set_sign)
-        self.image.changed.connect(lambda _v=None: (self.target.reset_choices(), self.volumes.update()))
+        self.image.changed.connect(lambda _v=None: (self.target.reset_choices(), self.volumes.update(),
+                                                    self.model.reset_choices(), self.adapt.update_buttons()))
         self.object_list.changed.connect(lambda index: index is not None and self.select_object(index))
         self.label_value.changed.connect(self.object_controls.on_label_value)
         self.label_name.changed.connect(self.object_controls.on_label_name)
@@ -182,6 +193,8 @@ class SegmentWidget(Container):
         self.undo_button.changed.connect(self.undo)
         self.redo_button.changed.connect(self.redo)
         self.save_button.changed.connect(lambda _v=None: self.save_labels())
+        self.adapt_button.changed.connect(self.adapt_to_scan)
+        self.save_model_button.changed.connect(lambda _v=None: self.adapt.save())
         # Viewer events, disconnected when the dock closes (the session lives on).
         self._viewer_events = [(event, self._refresh_choices) for event in (
             viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered)]
@@ -204,8 +217,10 @@ class SegmentWidget(Container):
 
     def _model_choices(self, _widget=None):
         # The bundled model first: a fine-tuned model never becomes the default by its name.
+        # A model adapted to the chosen image is offered for that image only.
         names = {card.name for card in list_models()} - {DEFAULT_MODEL}
-        return [DEFAULT_MODEL, *sorted(names)]
+        adapted = hasattr(self, "image") and self.adapt.card_for(self.image.value) is not None
+        return [DEFAULT_MODEL, *sorted(names), *([ADAPTED] if adapted else [])]
 
     def _object_choices(self, _widget=None):
         return self.object_controls.choices() if hasattr(self, "object_controls") else []
@@ -224,7 +239,11 @@ class SegmentWidget(Container):
 
     def model_spec(self) -> str:
         path = str(self.model_file.value or "").strip()
-        return path if path not in ("", ".") else self.model.value
+        if path not in ("", "."):
+            return path
+        if self.model.value == ADAPTED:
+            return str(self.adapt.card_for(self.image.value) or DEFAULT_MODEL)
+        return self.model.value
 
     def _on_model_choice(self, _value=None):
         try:
@@ -277,6 +296,10 @@ class SegmentWidget(Container):
             self.say(str(error), error)
             return None
         return self.runs.start(job)
+
+    def adapt_to_scan(self, _value=None):
+        """Fine-tune the object's model on the slices the user taught, then run its prompts again."""
+        return self.adapt.start()
 
     def cancel(self, _value=None):
         """Stop the run at the next batch; what it wrote so far is taken back."""

@@ -49,6 +49,7 @@ class SegObject:
     layer: Any = None  # the labels layer it writes into
     axis: int | None = None
     base: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    last_run: Any = None  # the widget's last run of it (Adapt to this scan runs it again)
 
     @property
     def title(self) -> str:

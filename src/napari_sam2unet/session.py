@@ -20,6 +20,7 @@ class Session:
         self.backends = BackendPool()  # each model's backend, opened once for this viewer
         self.worker = None  # the run in flight (any widget of this viewer started it)
         self.viewed: set = set()  # images already put in the radiological view
+        self.adapted: dict = {}  # image layer key -> card of the model adapted to it (this session only)
 
     @property
     def busy(self) -> bool:
