@@ -274,14 +274,14 @@ def test_a_napari_session_replays_with_its_prompts_and_options(tmp_path):
 def _case_job(tmp_path, model, overwrite=False):
     from conftest import sphere_volume, write_nifti
 
-    from napari_sam2unet.batch import Job, model_sha256
+    from napari_sam2unet.batch import BatchJob, model_sha256
     from napari_sam2unet.models import find_model
 
     image = write_nifti(tmp_path / "ball.nii.gz", sphere_volume()[0])
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     card = find_model(model)
-    job = Job(str(out), model, model_sha256(card), "cpu", 1, overwrite)
+    job = BatchJob(str(out), model, model_sha256(card), "cpu", 1, overwrite)
     return CaseSpec("ball", image, {"box": ["6:14,12,34,28"]}), job, out
 
 

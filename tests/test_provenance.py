@@ -72,7 +72,7 @@ def test_batch_replays_a_widget_run_saved_by_the_writer_function(tmp_path):
     from napari_sam2unet._reader import read_nifti
     from napari_sam2unet._writer import write_labels_layer
     from napari_sam2unet.backends.pool import BackendPool, model_sha256
-    from napari_sam2unet.batch import Job, run_case
+    from napari_sam2unet.batch import BatchJob, run_case
     from napari_sam2unet.io import read_volume
     from napari_sam2unet.manifest import CaseSpec
     from napari_sam2unet.prompts import Box, Point, Prompts
@@ -95,7 +95,7 @@ def test_batch_replays_a_widget_run_saved_by_the_writer_function(tmp_path):
     assert json.loads(sidecar.read_text())["schema"] == SCHEMA
     out = tmp_path / "out"
     out.mkdir()
-    job = Job(str(out), str(card.card_path), model_sha256(card), "cpu", 1)
+    job = BatchJob(str(out), str(card.card_path), model_sha256(card), "cpu", 1)
     result = run_case(CaseSpec("replay", image_path, {"prompts": str(sidecar)}), job)
     assert result.status == "segmented", result.reason
     np.testing.assert_array_equal(np.asarray(nib.load(result.output).dataobj), np.asarray(nib.load(saved).dataobj))

@@ -26,9 +26,6 @@ LAZY_CYCLES = {
 # Public module-level names (classes, type aliases, constants) that two modules define, allowed for
 # now, and why; any other name defined twice is a collision (rename one) or a fact written twice.
 SHARED_NAMES = {
-    "Progress": "batch.Progress (a callback type) vs training.finetune.Progress (a step report): rename one",
-    "Job": "batch.Job vs _run.Job: rename one",
-    "SCOPES": "engine.SCOPES (engine scopes) vs _run.SCOPES (the widget's scope texts): rename _run's",
     "INSTALL_HINT": "each module's own missing-package message",
     "MIN_VOXELS": "different thresholds: structures eval scores, structures the NPU check boxes",
     "TOLERANCE": "different checks that happen to share 1e-4 (weights into a graph, QNN rewrites)",

@@ -24,7 +24,7 @@ from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, run_record
 from .segment_case import NonFinite, Opened, Segmented
 
 # Scope choices: (shown text, (engine scope, only the current slice's prompts?)).
-SCOPES = (
+SCOPE_TEXTS = (
     ("this slice", ("slices", True)),
     ("prompted slices", ("slices", False)),
     ("between prompted slices", ("between", False)),
@@ -66,7 +66,7 @@ def read_job(widget, scope_text: str | None = None) -> Job:
     viewer = widget.viewer
     axis = slice_axis(viewer, image)
     drawn = widget.prompt_layers.read(image, axis)
-    scope, this_slice = dict(SCOPES)[scope_text or widget.scope.value]
+    scope, this_slice = dict(SCOPE_TEXTS)[scope_text or widget.scope.value]
     k = current_slice(viewer, image, axis)
     prompts = drawn
     if this_slice:

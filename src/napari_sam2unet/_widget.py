@@ -31,7 +31,7 @@ from ._dock import fold_into, scroll_into
 from ._edits import PromptEdits
 from ._object_controls import ObjectControls
 from ._prompt_layers import PromptLayers
-from ._run import SCOPES, RunController, read_job
+from ._run import SCOPE_TEXTS, RunController, read_job
 from ._save_labels import save_labels
 from ._view_keeper import ViewKeeper
 from ._volume_picker import VolumePicker
@@ -107,7 +107,7 @@ class SegmentWidget(Container):
         self.backend_info = Label(label="Runs on", value="(chosen at the first run)")
         self.window = ComboBox(label="Window", choices=list(WINDOW_CHOICES), value="auto",
                                tooltip="The model's input: auto = MR percentiles, or CT soft tissue for CT-like values")
-        self.scope = ComboBox(label="Scope", choices=[(text, text) for text, _ in SCOPES], value="this slice")
+        self.scope = ComboBox(label="Scope", choices=[(text, text) for text, _ in SCOPE_TEXTS], value="this slice")
         self.threshold = FloatSlider(label="Threshold", min=0.01, max=0.99, step=0.01, value=0.5,
                                      tooltip="Re-applied from cached probabilities: no model call")
         self.min_overlap = FloatSpinBox(label="Propagation stops below overlap", min=0.0, max=0.99, step=0.05,

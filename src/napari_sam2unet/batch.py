@@ -48,7 +48,7 @@ WORKER_WAIT_S = 60
 
 
 @dataclass(frozen=True)
-class Job:
+class BatchJob:
     """What every case of a batch shares; sent to the workers with each case."""
 
     out_dir: str
@@ -97,7 +97,7 @@ class BatchReport:
 
 
 # progress(done, total, the case that just finished)
-Progress = Callable[[int, int, CaseResult], None]
+CaseProgress = Callable[[int, int, CaseResult], None]
 
 
 # --- on a worker ---------------------------------------------------------------------------
@@ -106,7 +106,7 @@ Progress = Callable[[int, int, CaseResult], None]
 _POOL = BackendPool()
 
 
-def run_case(spec: CaseSpec, job: Job) -> CaseResult:
+def run_case(spec: CaseSpec, job: BatchJob) -> CaseResult:
     """Segment one case (or skip it when done); never raises for a bad case, it reports it."""
     began = time.perf_counter()
     try:
@@ -119,7 +119,7 @@ def run_case(spec: CaseSpec, job: Job) -> CaseResult:
     return result
 
 
-def _segment_case(spec: CaseSpec, job: Job) -> CaseResult:
+def _segment_case(spec: CaseSpec, job: BatchJob) -> CaseResult:
     from .io import read_volume, write_labels
 
     out = Path(job.out_dir) / f"{spec.case}.nii.gz"
@@ -352,8 +352,8 @@ def _remote_client(address: str) -> Iterator[Any]:
         yield client
 
 
-def _collect(client, cases: list[CaseSpec], job: Job, results: dict[str, CaseResult],
-             progress: Progress | None) -> None:
+def _collect(client, cases: list[CaseSpec], job: BatchJob, results: dict[str, CaseResult],
+             progress: CaseProgress | None) -> None:
     """Run the cases; fill `results` as they finish (on Ctrl-C it holds those that did)."""
     distributed = _distributed()
     futures = client.map(run_case, cases, job=job, pure=False)
@@ -384,7 +384,7 @@ def run_batch(
     threads_per_worker: int | None = None,
     scheduler: str | None = None,
     client=None,
-    progress: Progress | None = None,
+    progress: CaseProgress | None = None,
     overwrite: bool = False,
 ) -> BatchReport:
     """Segment every case of a manifest; write DIR/report.csv; return the report.
@@ -408,7 +408,7 @@ def run_batch(
     remote = client is not None or scheduler is not None
     workers, threads = (0, threads_per_worker or 1) if remote else plan_workers(
         workers, threads_per_worker, os.cpu_count() or 1, len(cases))
-    job = Job(str(out), str(card.card_path or card.file), model_sha256(card), backend, threads, overwrite)
+    job = BatchJob(str(out), str(card.card_path or card.file), model_sha256(card), backend, threads, overwrite)
     results: dict[str, CaseResult] = {}
     started = False
     try:
@@ -566,7 +566,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _progress_bar(quiet: bool) -> Iterator[Progress | None]:
+def _progress_bar(quiet: bool) -> Iterator[CaseProgress | None]:
     with progress_bar(quiet, "case") as bar:
         if bar is None:
             yield None
