@@ -84,19 +84,28 @@ def _static_shape(model, name: str) -> list[int] | None:
     return None
 
 
-def replace_antialiased_resize(model):
-    """Each antialiased 4-D Resize -> C_h @ X @ C_w^T with onnxruntime's own interpolation weights."""
+def _rewrite(model, replace: Callable):
+    """The model with each node that replace(model, node, initializers) answers with a list of new
+    nodes (adding their initializers) swapped for them; a None answer keeps the node."""
     onnx = _onnx()
-    from onnx import helper, numpy_helper
-
     model = onnx.shape_inference.infer_shapes(_copy(model))
     initializers = {t.name: t for t in model.graph.initializer}
     nodes = []
     for node in model.graph.node:
+        new = replace(model, node, initializers)
+        nodes += [node] if new is None else new
+    return _with_nodes(model, nodes, initializers)
+
+
+def replace_antialiased_resize(model):
+    """Each antialiased 4-D Resize -> C_h @ X @ C_w^T with onnxruntime's own interpolation weights."""
+    _onnx()
+    from onnx import helper, numpy_helper
+
+    def replace(model, node, initializers):
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type != "Resize" or not attributes.get("antialias"):
-            nodes.append(node)
-            continue
+            return None
         in_shape, out_shape = _static_shape(model, node.input[0]), _static_shape(model, node.output[0])
         if in_shape is None or out_shape is None or len(in_shape) != 4 or in_shape[:2] != out_shape[:2]:
             raise ModelError(
@@ -109,39 +118,37 @@ def replace_antialiased_resize(model):
         prefix = f"{node.name or node.output[0]}_as_matmul"
         for name, value in ((f"{prefix}_rows", rows), (f"{prefix}_cols_t", np.ascontiguousarray(cols.T))):
             initializers[name] = numpy_helper.from_array(value.astype(np.float32), name)
-        nodes += [
+        return [
             helper.make_node("MatMul", [node.input[0], f"{prefix}_cols_t"], [f"{prefix}_w"], name=f"{prefix}_w"),
             helper.make_node("MatMul", [f"{prefix}_rows", f"{prefix}_w"], [node.output[0]], name=f"{prefix}_h"),
         ]
-    return _with_nodes(model, nodes, initializers)
+
+    return _rewrite(model, replace)
 
 
 def transpose_constant_left_matmuls(model):
     """C @ X -> Transpose(Transpose(X) @ C^T): the constant moves to the right operand."""
-    onnx = _onnx()
+    _onnx()
     from onnx import helper, numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(_copy(model))
-    initializers = {t.name: t for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
+    def replace(model, node, initializers):
         left = initializers.get(node.input[0]) if node.op_type == "MatMul" else None
         rank = len(_static_shape(model, node.input[1]) or []) if left is not None else 0
         if left is None or len(left.dims) != 2 or rank < 2:
-            nodes.append(node)
-            continue
+            return None
         swap = list(range(rank - 2)) + [rank - 1, rank - 2]
         name = node.name or node.output[0]
         constant_t = f"{name}_const_t"
         initializers[constant_t] = numpy_helper.from_array(
             np.ascontiguousarray(numpy_helper.to_array(left).T), constant_t
         )
-        nodes += [
+        return [
             helper.make_node("Transpose", [node.input[1]], [f"{name}_xt"], perm=swap, name=f"{name}_xt"),
             helper.make_node("MatMul", [f"{name}_xt", constant_t], [f"{name}_yt"], name=f"{name}_right"),
             helper.make_node("Transpose", [f"{name}_yt"], [node.output[0]], perm=swap, name=f"{name}_yt"),
         ]
-    return _with_nodes(model, nodes, initializers)
+
+    return _rewrite(model, replace)
 
 
 def _with_nodes(model, nodes, initializers):
