@@ -253,3 +253,29 @@ def test_a_bad_card_in_the_models_folder_is_skipped_with_one_warning(capsys, bri
     assert "brightness" in captured.out and "sam2unet-compact" in captured.out
     assert captured.err.startswith("sam2unet: warning: skipped: model card") and "broken.yaml" in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_a_terminal_sees_the_progress_bar_and_the_model_line_apart_from_it(mr, tmp_path, brightness_card):
+    """A pty that reports a size of 0 x 0 (`script`, some CI runners) got no bar at all."""
+    import pty
+
+    leader, follower = pty.openpty()  # a fresh pty reports 0 x 0
+    run = subprocess.run([sys.executable, "-m", "napari_sam2unet.cli", "segment", str(mr), "-o",
+                          str(tmp_path / "all.nii.gz"), "--model", str(brightness_card.file), "--no-sidecar"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower, timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # Linux answers EIO once the pty is closed on the other side
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert run.returncode == 0
+    text = shown.decode("utf-8", "replace")
+    assert "20/20" in text  # the bar reached the last slice
+    model_line = next(line for line in text.replace("\r\n", "\n").split("\n") if "model " in line)
+    assert model_line.rstrip("\r").split("\r")[-1].startswith("model ")  # not drawn over by the bar

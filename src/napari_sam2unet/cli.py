@@ -139,7 +139,11 @@ def run_segment(args: argparse.Namespace) -> int:
         def show(event) -> None:
             if isinstance(event, Opened):
                 backend = event.engine.backend
-                say(f"model {backend.card.name} on {backend.device}{_brief_reason(args.backend, backend, event.why)}")
+                line = f"model {backend.card.name} on {backend.device}{_brief_reason(args.backend, backend, event.why)}"
+                if bar is not None:  # through the bar, so the line does not land in the middle of it
+                    bar.write(line, file=sys.stderr)
+                else:
+                    say(line)
             elif isinstance(event, Segmented) and bar is not None:
                 bar.total, bar.n = event.total, event.done
                 bar.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,5 +17,8 @@ def progress_bar(quiet: bool, unit: str, total: int = 0) -> Iterator[Any | None]
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, unit=unit, file=sys.stderr, leave=False) as bar:
+    # A terminal that reports a size of 0 x 0 (a pty opened by `script`, some CI runners) has no
+    # rows for tqdm to draw on, so it drew nothing; get_terminal_size falls back to 80 x 24.
+    size = shutil.get_terminal_size()
+    with tqdm(total=total, unit=unit, file=sys.stderr, leave=False, ncols=size.columns, nrows=size.lines) as bar:
         yield bar
