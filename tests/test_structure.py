@@ -41,7 +41,6 @@ LONG_MODULES = {
     f"{NAME}.engine": "split pending (issue 24)",
     f"{NAME}.io": "split pending (issue 24)",
     f"{NAME}.training.finetune": "split pending (issue 24)",
-    f"{NAME}.training.train": "split pending (issue 24)",
 }
 LONG_CLASSES = {
     f"{NAME}.engine.Engine": "split pending (issue 24)",
