@@ -19,6 +19,7 @@ from napari_sam2unet.io import read_volume  # noqa: E402
 from napari_sam2unet.models import find_model, list_models, sha256_file  # noqa: E402
 from napari_sam2unet.prompts import Box, Prompts  # noqa: E402
 from napari_sam2unet.training import finetune as ft  # noqa: E402
+from napari_sam2unet.training import finetune_model  # noqa: E402
 from napari_sam2unet.training.onnx_weights import TOLERANCE, model_from_onnx  # noqa: E402
 
 SMALL = "cases/msd_hippo_hippocampus_366"  # committed (tests/data): label 1 on axial slices 5-19
@@ -73,7 +74,7 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(real_data, 
 
     # Ctrl-C while the model is being written: still nothing (the files move in at the end),
     # whether the weights go into the base graph (frozen trunk) or the model is exported again
-    real_card, real_export = ft._write_card, export.export_onnx
+    real_card, real_export = finetune_model._write_card, export.export_onnx
 
     def then_stop(real):
         def run(*a, **k):
@@ -81,10 +82,10 @@ def test_finetune_writes_a_model_discovery_lists_and_the_engine_runs(real_data, 
             raise KeyboardInterrupt
         return run
 
-    monkeypatch.setattr(ft, "_write_card", then_stop(real_card))
+    monkeypatch.setattr(finetune_model, "_write_card", then_stop(real_card))
     assert main(args) == 130
     assert not any(models.iterdir())
-    monkeypatch.setattr(ft, "_write_card", real_card)
+    monkeypatch.setattr(finetune_model, "_write_card", real_card)
     monkeypatch.setattr(export, "export_onnx", then_stop(real_export))
     assert main([*args, "--trunk", "trained"]) == 130
     assert not any(models.iterdir())
@@ -140,7 +141,7 @@ def test_trained_weights_written_into_the_base_graph_are_the_models(tmp_path):
             p.add_(0.05 * torch.randn_like(p) * (p.abs().mean() + 1e-3))
     how = ft.weights_into_graph(base, tmp_path / "w.onnx")
     assert how and "logit difference" in how
-    ft._write_card(base, tmp_path / "w.onnx", {}, "w", how)
+    finetune_model._write_card(base, tmp_path / "w.onnx", {}, "w", how)
     rebuilt, difference = model_from_onnx(models.load_card(tmp_path / "w.yaml"))
     assert difference < TOLERANCE
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 352, 352)).astype(np.float32))

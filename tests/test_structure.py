@@ -40,7 +40,6 @@ LONG_MODULES = {
     f"{NAME}.dicom": "split pending (issue 24)",
     f"{NAME}.engine": "split pending (issue 24)",
     f"{NAME}.io": "split pending (issue 24)",
-    f"{NAME}.training.finetune": "split pending (issue 24)",
 }
 LONG_CLASSES = {
     f"{NAME}.engine.Engine": "split pending (issue 24)",

@@ -1,8 +1,8 @@
 """napari dock widget "Fine-tune SAM2-UNet": train a model on the slices the user labelled.
 
 The labels layer is copied when the run starts and never written to. Training runs in a thread
-worker (training/finetune.py does the work) with napari's progress bar and Cancel; a cancelled
-run writes nothing. The new model goes into the models folder that discovery searches, so it
+worker (training/finetune.py's `finetune`, as the command runs it) with napari's progress bar and
+Cancel; a cancelled run writes nothing. The new model goes into the models folder that discovery searches, so it
 appears in "Segment with SAM2-UNet", where it is selected. No ``from __future__ import
 annotations``: napari reads the ``Viewer`` annotation at runtime.
 """
@@ -17,12 +17,12 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pus
 from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
-from superqt.utils import create_worker
+from superqt.utils import create_worker, ensure_main_thread
 
 from ._dock import scroll_into
-from .errors import Sam2UnetError
+from .errors import Cancelled, Sam2UnetError
 from .models import DEFAULT_MODEL, MODELS_ENV, list_models, models_folder, search_dirs
-from .training.finetune import Settings  # torch-free: torch is imported when a run starts
+from .training.finetune import TRUNK_CHOICES, Settings  # torch-free: torch is imported when a run starts
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class FinetuneWidget(Container):
                                    tooltip="0: every label in the layer")
         self.base = ComboBox(label="Base model", choices=self._model_choices, value=DEFAULT_MODEL)
         self.steps = SpinBox(label="Steps", min=1, max=5000, value=Settings.steps)
-        self.trunk = ComboBox(label="Trunk", choices=["frozen", "trained"], value="frozen",
+        self.trunk = ComboBox(label="Trunk", choices=list(TRUNK_CHOICES), value=Settings.trunk,
                               tooltip="frozen: adapters and decoder train (faster, keeps what the model knew)")
         self.name = LineEdit(label="New model name", value="")
         self.folder = FileEdit(label="Models folder", mode="d", value=str(models_folder()))
@@ -144,40 +144,38 @@ class FinetuneWidget(Container):
         except Sam2UnetError as error:
             self._say(str(error), error)
             return
-        self.worker = create_worker(self._work, job, _start_thread=False)
-        self.worker.yielded.connect(self._on_yield)
+        self._cancelling = False
+        # Reports go to the main thread (the progress bar and status are Qt's); Cancel is read
+        # by the run after each step. Errors, Cancel's included, are _on_error's to tell.
+        self.worker = create_worker(self._work, job, ensure_main_thread(self._on_progress),
+                                    lambda: self._cancelling, _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
-        self.worker.aborted.connect(self._on_abort)
         self.worker.finished.connect(self._on_finished)
         self._pbar = progress(total=job["steps"], desc="Fine-tuning SAM2-UNet")
-        self._cancelling = False
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "loading the base model..."
         self.worker.start()
 
     @staticmethod
-    def _work(job):
-        """The worker thread: load, train step by step (yielding), then write the model."""
+    def _work(job, report, cancelled):
+        """The worker thread: load the base and the labelled slices, then the command's run."""
         from .training import finetune as ft
 
         base = ft.load_base(job["base"])
-        yield ft.Progress(0, job["steps"], float("nan"), "reading the labelled slices")
+        report(ft.Progress(0, job["steps"], float("nan"), "reading the labelled slices"))
         data = ft.volume_data(job["image"], job["labels"], job["spacing"], base.spec.channels, job["axis"],
                               label_ids=job["label_ids"], what=job["what"])
         settings = ft.Settings(steps=job["steps"], trunk=job["trunk"])
-        began = time.perf_counter()
-        before, after = yield from ft.iter_finetune(base, data, settings)
-        seconds = time.perf_counter() - began
-        extra = ft.card_extra(base, data, settings, before, after, seconds, "napari: Fine-tune SAM2-UNet")
-        card = ft.write_model(base, job["out"], extra, job["name"], trunk=settings.trunk)
+        result = ft.finetune(base, data, job["out"], settings, job["name"], progress=report,
+                             command="napari: Fine-tune SAM2-UNet", cancelled=cancelled)
         held_out = data.validation is not data.train  # else scored on the slices it trained on
-        return ft.Result(card, job["out"], before, after, seconds), job["name"], held_out and data.validation_what
+        return result, job["name"], held_out and data.validation_what
 
-    def _on_yield(self, report):
+    def _on_progress(self, report):
         if self._cancelling:
-            return  # a step that ended after Cancel was pressed may be reported after the abort
+            return  # a step that ended after Cancel was pressed may be reported after it
         if self._pbar is not None:
             self._pbar.update(report.step - self._pbar.n)
         training = report.loss == report.loss  # NaN while loading or validating
@@ -209,11 +207,11 @@ class FinetuneWidget(Container):
         return chosen
 
     def _on_error(self, error):
-        self._say(str(error), error)
-
-    def _on_abort(self):
-        show_info("fine-tuning cancelled: no model was written")
-        self.status.value = "cancelled"
+        if isinstance(error, Cancelled):
+            show_info(str(error))  # that no model was written
+            self.status.value = "cancelled"
+        else:
+            self._say(str(error), error)
 
     def _on_finished(self):
         self.worker = None
@@ -228,7 +226,6 @@ class FinetuneWidget(Container):
         if self.worker is not None:
             self._cancelling = True
             self.status.value = "cancelling..."
-            self.worker.quit()
 
     def _say(self, message: str, error: BaseException | None = None):
         self.status.value = message if len(message) < 80 else message[:77] + "..."
