@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import build_brightness_model, write_test_card
 
-from napari_sam2unet.batch import SKIPPED_REASON, plan_workers
+from napari_sam2unet.batch import plan_workers
+from napari_sam2unet.batch_case import SKIPPED_REASON
 from napari_sam2unet.cli import main
 from napari_sam2unet.manifest import CaseSpec, boxes_from_labels, resolve_case
 
@@ -274,7 +275,8 @@ def test_a_napari_session_replays_with_its_prompts_and_options(tmp_path):
 def _case_job(tmp_path, model, overwrite=False):
     from conftest import sphere_volume, write_nifti
 
-    from napari_sam2unet.batch import BatchJob, model_sha256
+    from napari_sam2unet.backends.pool import model_sha256
+    from napari_sam2unet.batch_case import BatchJob
     from napari_sam2unet.models import find_model
 
     image = write_nifti(tmp_path / "ball.nii.gz", sphere_volume()[0])
@@ -286,7 +288,7 @@ def _case_job(tmp_path, model, overwrite=False):
 
 
 def test_a_users_file_named_like_a_case_output_is_kept_unless_overwrite(tmp_path, model):
-    from napari_sam2unet.batch import run_case
+    from napari_sam2unet.batch_case import run_case
 
     spec, job, out = _case_job(tmp_path, model)
     for name in ("ball.nii.gz", "ball.json"):  # the user's label map, or a JSON of theirs, with a case's name

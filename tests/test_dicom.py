@@ -17,7 +17,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, gen
 from scipy import ndimage
 
 from napari_sam2unet.cli import main
-from napari_sam2unet.dicom import _LPS_TO_RAS, find_series, labels_on_frames, read_dicom
+from napari_sam2unet.dicom import read_dicom
+from napari_sam2unet.dicom_geometry import LPS_TO_RAS, labels_on_frames
+from napari_sam2unet.dicom_series import find_series
 from napari_sam2unet.errors import InputError
 from napari_sam2unet.io import read_volume
 from napari_sam2unet.seg_formats import read_dicom_seg
@@ -171,7 +173,7 @@ def test_tilted_uneven_head_ct_is_resampled_onto_the_acquired_positions(dicom_da
         j, i = np.mgrid[0:512:3, 0:512:3]
         lps = (frame.position[:, None, None] + i * frame.pixel_spacing[1] * frame.row_dir[:, None, None]
                + j * frame.pixel_spacing[0] * frame.col_dir[:, None, None])
-        index = np.einsum("ab,bij->aij", inverse[:3, :3], np.einsum("ab,bij->aij", _LPS_TO_RAS, lps))
+        index = np.einsum("ab,bij->aij", inverse[:3, :3], np.einsum("ab,bij->aij", LPS_TO_RAS, lps))
         index += inverse[:3, 3][:, None, None]
         sampled = ndimage.map_coordinates(volume.data, index.reshape(3, -1), order=1, mode="nearest").reshape(i.shape)
         assert np.corrcoef(sampled.ravel(), pixels[j, i].ravel())[0, 1] > 0.99, k
@@ -258,7 +260,7 @@ def test_cli_writes_dicom_seg_and_slicer_files_on_the_right_voxels(dicom_data, t
     # DICOM-SEG: read back with highdicom, frame by frame of the source series
     seg = pydicom.dcmread(tmp_path / "seg.dcm")
     on_frames = read_dicom_seg(tmp_path / "seg.dcm", volume)
-    np.testing.assert_array_equal(on_frames, labels_on_frames(labels, volume))
+    np.testing.assert_array_equal(on_frames, labels_on_frames(labels, volume.affine, volume.frames))
     if name == "philips_ct_phantom":  # untilted: frame k is slice k of the grid, rows flipped
         np.testing.assert_array_equal(on_frames, np.transpose(labels[:, ::-1, :], (2, 1, 0)))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_uid

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import write_nifti
 
-from napari_sam2unet import io
+from napari_sam2unet import atomic, io, paths
 from napari_sam2unet.errors import InputError
 from napari_sam2unet.io import read_volume, write_labels
 
@@ -324,7 +324,7 @@ def test_the_memory_guard_reads_available_memory_not_free_memory(tmp_path, monke
     """Page cache is available memory: a machine that has read many files still opens a big CT."""
     path = write_nifti(tmp_path / "ct.nii.gz", np.zeros((64, 64, 40), np.float32))  # 640 KiB as float32
     meminfo = tmp_path / "meminfo"
-    monkeypatch.setattr(io, "_MEMINFO", meminfo)
+    monkeypatch.setattr("napari_sam2unet.volume._MEMINFO", meminfo)
     meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 1000 kB\nMemAvailable: 6000000 kB\n")
     assert read_volume(path).data.shape == (64, 64, 40)
     meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 6000000 kB\nMemAvailable: 1000 kB\n")
@@ -337,7 +337,7 @@ def test_the_memory_guard_reads_available_memory_not_free_memory(tmp_path, monke
 
 def _pair_matches(out) -> bool:
     """The sidecar names the map beside it: its file name and sha256."""
-    record = json.loads(io.sidecar_path_for(out).read_text())
+    record = json.loads(paths.sidecar_path_for(out).read_text())
     return record["output"] == {"file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
@@ -351,13 +351,13 @@ def test_a_failure_between_the_two_publishes_puts_the_old_pair_back(tmp_path, mo
     volume = _small_volume(tmp_path)
     out = write_labels(tmp_path / "seg.nii.gz", np.ones((6, 5, 4), np.uint8), volume, sidecar={"run": "old"})
     old = {name: (tmp_path / name).read_bytes() for name in ("seg.nii.gz", "seg.json")}
-    real_publish = io._publish
+    real_publish = atomic._publish
 
     def stop_after_the_map(tmp, target, overwrite):
         real_publish(tmp, target, overwrite)
         raise KeyboardInterrupt  # as a signal where it cannot be deferred (not the main thread)
 
-    monkeypatch.setattr(io, "_publish", stop_after_the_map)
+    monkeypatch.setattr(atomic, "_publish", stop_after_the_map)
     with pytest.raises(KeyboardInterrupt):
         write_labels(out, np.zeros((6, 5, 4), np.uint8), volume, sidecar={"run": "new"}, overwrite=True)
     assert {name: (tmp_path / name).read_bytes() for name in ("seg.nii.gz", "seg.json")} == old
@@ -375,14 +375,14 @@ def test_sigterm_between_the_two_publishes_waits_and_the_message_says_what_is_on
     args = ["segment", str(source), "--out", str(out), "--box", "1:5,5,30,30", "--model",
             str(brightness_card.card_path), "--quiet"]
     assert main(args) == 0
-    real_publish = io._publish
+    real_publish = atomic._publish
 
     def terminated_after_the_map(tmp, target, overwrite):
         real_publish(tmp, target, overwrite)
         if target == out:
             signal.raise_signal(signal.SIGTERM)  # between the map and its sidecar
 
-    monkeypatch.setattr(io, "_publish", terminated_after_the_map)
+    monkeypatch.setattr(atomic, "_publish", terminated_after_the_map)
     capsys.readouterr()
     assert main([*args, "--overwrite", "--threshold", "0.9"]) == 0  # the output was complete before it stopped
     err = capsys.readouterr().err
@@ -390,7 +390,7 @@ def test_sigterm_between_the_two_publishes_waits_and_the_message_says_what_is_on
     record = json.loads((tmp_path / "seg.json").read_text())
     assert record["threshold"] == 0.9 and _pair_matches(out)
     # a signal before anything is published: old pair kept, 143 and the message says so
-    monkeypatch.setattr(io, "_publish", real_publish)
+    monkeypatch.setattr(atomic, "_publish", real_publish)
     monkeypatch.setattr(io.nib, "save", lambda *a: signal.raise_signal(signal.SIGTERM))
     assert main([*args, "--overwrite", "--threshold", "0.7"]) == 143
     assert "terminated; nothing was written (existing files were kept)" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_batch_replays_a_widget_run_saved_by_the_writer_function(tmp_path):
     from napari_sam2unet._reader import read_nifti
     from napari_sam2unet._writer import write_labels_layer
     from napari_sam2unet.backends.pool import BackendPool, model_sha256
-    from napari_sam2unet.batch import BatchJob, run_case
+    from napari_sam2unet.batch_case import BatchJob, run_case
     from napari_sam2unet.io import read_volume
     from napari_sam2unet.manifest import CaseSpec
     from napari_sam2unet.prompts import Box, Point, Prompts

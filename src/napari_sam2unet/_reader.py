@@ -17,10 +17,12 @@ import numpy as np
 from napari.utils.notifications import show_info, show_warning
 
 from .errors import InputError
-from .io import INTENT_LABEL, Volume, is_nifti_path, read_volume
+from .io import INTENT_LABEL, read_volume
 from .label_files import name_features, read_label_table
+from .paths import is_nifti_path
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY
 from .views import opening_window, show_plane
+from .volume import Volume
 
 # Integer files with at most this many distinct values (all >= 0) open as labels.
 _MAX_LABEL_VALUES = 128
@@ -33,7 +35,7 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
     """npe2 reader hook: our reader for NIfTI paths, None for anything else."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(paths) == 1 and not is_nifti_path(paths[0]):
-        from .dicom import is_dicom_input
+        from .dicom_series import is_dicom_input
 
         return read_dicom_layers if is_dicom_input(paths[0]) else None
     if not paths or not all(is_nifti_path(p) for p in paths):
@@ -96,7 +98,8 @@ def _axial_when_added(layers: list[LayerData]) -> None:
 
 def read_dicom_layers(path: PathOrPaths) -> list[LayerData]:
     """A DICOM folder, DICOMDIR or file: one image layer per series found."""
-    from .dicom import find_series, read_dicom
+    from .dicom import read_dicom
+    from .dicom_series import find_series
 
     where = Path(path if isinstance(path, (str, os.PathLike)) else path[0])
     layers = []

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from . import _writer
 from .errors import Sam2UnetError
-from .io import nifti_stem
+from .paths import nifti_stem
 from .provenance import META_KEY
 
 # Save formats by file ending: (what the dialog calls it, the writer function in _writer.py).

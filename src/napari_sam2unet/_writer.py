@@ -14,10 +14,12 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError
-from .io import Volume, is_nifti_path, write_labels
+from .io import write_labels
 from .label_files import write_label_tables
 from .objects import label_colour
+from .paths import is_nifti_path
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, layer_sidecar
+from .volume import Volume
 
 
 def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:

@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _published() -> list[Path]:
-    """The files this process published (io keeps the list; not imported means none)."""
-    io = sys.modules.get("napari_sam2unet.io")
-    return io.published_files() if io else []
+    """The files this process published (atomic keeps the list; not imported means none)."""
+    atomic = sys.modules.get("napari_sam2unet.atomic")
+    return atomic.published_files() if atomic else []
 
 
 def _stopped(what: str, code: int, written: list[Path]) -> int:

@@ -13,7 +13,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .io import nifti_stem
+from .paths import nifti_stem
 
 Table = dict[int, tuple[str, tuple[int, int, int]]]  # label -> (name, (r, g, b) 0..255)
 

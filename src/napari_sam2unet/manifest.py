@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError, PromptError
 from .geometry import BOX_GROWTH, enlarged_box, mask_bbox
-from .io import nifti_stem
+from .paths import nifti_stem
 from .preprocess import axis_plane
 from .prompts import Box, Point, Prompts, parse_box, parse_point
 from .provenance import read_replay

@@ -4,7 +4,7 @@
   its name, colour and the algorithm (model name, sha256 as its version). Labels on a resampled
   grid (gantry tilt, uneven spacing) are mapped back onto the acquired images.
 - .seg.nrrd (pynrrd): Slicer's segmentation file, one label layer, segment names and colours.
-Each is written with its provenance sidecar, both or neither (io.write_all_or_nothing).
+Each is written with its provenance sidecar, both or neither (atomic.write_with_sidecar).
 """
 
 from __future__ import annotations
@@ -17,22 +17,17 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .atomic import write_with_sidecar
+from .dicom_geometry import LPS_TO_RAS, labels_on_frames
 from .errors import InputError
-from .io import (
-    Volume,
-    check_output_path,
-    is_nifti_path,
-    label_array,
-    sidecar_entry,
-    write_all_or_nothing,
-    write_labels,
-)
+from .io import labels_on_grid, write_labels
 from .label_files import Table
 from .objects import label_colour
+from .paths import check_output_path, is_nifti_path
+from .volume import Volume
 
 DICOM_SEG_SUFFIXES = (".dcm",)
 SLICER_SUFFIX = ".seg.nrrd"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def output_kind(path: str | os.PathLike) -> str:
@@ -71,19 +66,14 @@ def write_segmentation(
     if output_kind(path) == "nifti":
         return write_labels(path, labels, volume, sidecar, overwrite)
     path = check_output(path, volume, overwrite, sidecar is not None)
-    labels = label_array(labels)
-    if labels.shape != volume.data.shape:
-        raise InputError(f"label map shape {labels.shape} does not match the image {volume.data.shape}")
+    labels = labels_on_grid(labels, volume)
     table = full_table(labels, table)
     if output_kind(path) == "dicom-seg":
         dataset = dicom_seg(labels, volume, table, algorithm)
-        files = [(path, ".dcm", lambda tmp: dataset.save_as(tmp, enforce_file_format=True))]
+        suffix, write = ".dcm", lambda tmp: dataset.save_as(tmp, enforce_file_format=True)
     else:
-        files = [(path, ".nrrd", lambda tmp: write_seg_nrrd(tmp, labels, volume.affine, table))]
-    if sidecar is not None:  # the sidecar names the segmentation's sha256 and is published last
-        files.append(sidecar_entry(path, sidecar))
-    write_all_or_nothing(files, overwrite)
-    return path
+        suffix, write = ".nrrd", lambda tmp: write_seg_nrrd(tmp, labels, volume.affine, table)
+    return write_with_sidecar(path, suffix, write, sidecar, overwrite)  # the sidecar names its sha256, published last
 
 
 def full_table(labels: np.ndarray, table: Table | None) -> Table:
@@ -128,10 +118,8 @@ def dicom_seg(labels: np.ndarray, volume: Volume, table: Table, algorithm: tuple
     import pydicom
     from pydicom.sr.codedict import codes
 
-    from .dicom import labels_on_frames
-
     frames = volume.frames
-    on_frames = labels_on_frames(labels, volume)
+    on_frames = labels_on_frames(labels, volume.affine, frames)
     if labels.any() and not on_frames.any():
         warnings.warn("the labelled voxels lie between the acquired images of this resampled series, so the "
                       "DICOM-SEG holds no segment voxels; label more slices or write .nii.gz / .seg.nrrd",
@@ -230,8 +218,8 @@ def write_seg_nrrd(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarr
         "type": labels.dtype.name,
         "dimension": 3,
         "space": "left-posterior-superior",
-        "space directions": (_LPS_TO_RAS @ affine[:3, :3]).T,
-        "space origin": _LPS_TO_RAS @ affine[:3, 3],
+        "space directions": (LPS_TO_RAS @ affine[:3, :3]).T,
+        "space origin": LPS_TO_RAS @ affine[:3, 3],
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
         "Segmentation_MasterRepresentation": "Binary labelmap",
