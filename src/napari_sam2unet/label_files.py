@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from .paths import nifti_stem
@@ -57,30 +58,28 @@ def slicer_name(name: str) -> str:
 
 
 def read_itksnap(path: Path) -> Table:
-    table: Table = {}
-    for line in Path(path).read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = shlex.split(line)
-        if len(fields) < 8:
-            raise ValueError(f"{path.name}: a label line needs 8 fields (IDX R G B A VIS MSH LABEL): {line!r}")
-        label = int(fields[0])
-        if label:
-            table[label] = (fields[7], (int(fields[1]), int(fields[2]), int(fields[3])))
-    return table
+    """ITK-SNAP's `IDX R G B A VIS MSH "LABEL"` lines (a quoted name keeps its spaces)."""
+    return _read_table(Path(path), shlex.split, "a label line needs 8 fields (IDX R G B A VIS MSH LABEL)", 8, 7, 1)
 
 
 def read_slicer(path: Path) -> Table:
+    """Slicer's `VALUE NAME R G B A` lines."""
+    return _read_table(Path(path), str.split, "a colour line needs VALUE NAME R G B A", 6, 1, 2)
+
+
+def _read_table(path: Path, split: Callable[[str], list[str]], layout: str, count: int, name: int, rgb: int) -> Table:
+    """Label -> (fields[name], fields[rgb:rgb + 3]) of each line; blank lines, comments and label 0 passed over."""
     table: Table = {}
-    for line in Path(path).read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        fields = line.split()
-        if len(fields) < 6:
-            raise ValueError(f"{path.name}: a colour line needs VALUE NAME R G B A: {line!r}")
+        fields = split(line)
+        if len(fields) < count:
+            raise ValueError(f"{path.name}: {layout}: {line!r}")
         label = int(fields[0])
         if label:
-            table[label] = (fields[1], (int(fields[2]), int(fields[3]), int(fields[4])))
+            red, green, blue = (int(value) for value in fields[rgb:rgb + 3])
+            table[label] = (fields[name], (red, green, blue))
     return table
 
 
