@@ -101,7 +101,7 @@ def measure(engine, target, k):
     engine.click_choice, engine.click_sides_mm = chosen
     row["click (as shipped)"] = dice(segment(engine, Prompts(points=[click]))[k], target)
     whole = engine.whole_slice_task(k)
-    engine._run_tasks([whole])
+    engine.run_tasks([whole])
     row["click, whole slice (before)"] = dice(
         postprocess.select_regions(engine.probability(whole), engine.card.threshold, None, [(click.i, click.j)]),
         target)

@@ -62,10 +62,10 @@ def main() -> None:
     seconds = time.perf_counter() - began
     traced_peak = tracemalloc.get_traced_memory()[1] / MIB
     tracemalloc.stop()
-    cached = sum(p.nbytes for p in engine._cache.values()) / MIB
+    cached = engine.cache_bytes / MIB
     one_input = 3 * 352 * 352 * 4 / MIB
     print(json.dumps({
-        "model": card.name, "boxes": len(boxes), "crops_cached": len(engine._cache), "slices": list(result.slices),
+        "model": card.name, "boxes": len(boxes), "crops_cached": engine.cache_entries, "slices": list(result.slices),
         "seconds": round(seconds, 1), "max_prepared": MAX_PREPARED,
         "traced_peak_mib": round(traced_peak, 1), "cache_mib": round(cached, 1),
         "traced_peak_without_cache_mib": round(traced_peak - cached, 1),

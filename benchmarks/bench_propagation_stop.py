@@ -1,4 +1,4 @@
-"""Propagation stop rules, replayed on recorded walks (how engine.PROPAGATE_CHECK was chosen).
+"""Propagation stop rules, replayed on recorded walks (how propagation.PROPAGATE_CHECK was chosen).
 
 Each structure of the validation split is propagated from its largest slice (a box, or one
 click) to the volume's edge with no stop rule but "vanished", and every slice's features are
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_sam2unet import engine as engine_module
+from napari_sam2unet import propagation
 from napari_sam2unet.backends import open_backend
 from napari_sam2unet.engine import Engine
 from napari_sam2unet.models import find_model
@@ -53,13 +53,13 @@ def _walk(engine: Engine, case, protocol: str, prompts: Prompts) -> dict:
     for step in (-1, 1):
         rows, previous, k = [], seed.mask, start + step
         while 0 <= k < engine.shape[2]:
-            task = engine._next_task(k, previous)
+            task = engine.propagation_task(k, previous)
             if task is None:
                 break
             alone = replace(task, prior=None)
-            engine._run_tasks([task, alone])
+            engine.run_tasks([task, alone])
             mask = engine.postprocess(k, [task], prompts, 0.5)
-            if mask.sum() < engine_module.MIN_PROPAGATE_PIXELS:
+            if mask.sum() < propagation.MIN_PROPAGATE_PIXELS:
                 break
             seen_alone = engine.postprocess(k, [alone], prompts, 0.5)
             area, before = int(mask.sum()), int(previous.sum())
@@ -76,8 +76,8 @@ def replay(walk: dict, check: float) -> float:
     hit, area = walk["seed"]["hit"], walk["seed"]["area"]
     for rows in walk["directions"]:
         for row in rows:
-            jumped = row["overlap"] < engine_module.PROPAGATE_MIN_OVERLAP
-            grew = row["area"] > engine_module.PROPAGATE_MAX_GROWTH * row["previous"]
+            jumped = row["overlap"] < propagation.PROPAGATE_MIN_OVERLAP
+            grew = row["area"] > propagation.PROPAGATE_MAX_GROWTH * row["previous"]
             if jumped or grew or row["share_alone"] < check:
                 break
             hit, area = hit + row["hit"], area + row["area"]

@@ -107,10 +107,10 @@ def soak_widget(image: Path, card, slices: int, per_round: int = 10) -> dict:
             engine.refine(result, prompts, threshold=0.4)
             done += len(result.slices)
             counts.append(int(result.mask.sum()))
-            cache = sum(a.nbytes for a in engine._cache.values()) / 2**20
+            cache = engine.cache_bytes / 2**20
             samples.append((done, rss_mb()))
             net.append((done, rss_mb() - cache))
-        entries = len(engine._cache)
+        entries = engine.cache_entries
     return {"slices": done, "samples": samples, "net": net, "voxels": counts, "cache_entries": entries,
             "cache_mb": cache}
 

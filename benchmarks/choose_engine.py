@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 
-from napari_sam2unet import engine, postprocess, preprocess
+from napari_sam2unet import engine, postprocess, preprocess, propagation
 from napari_sam2unet.training.datasets import default_manifest, find_cases
 from napari_sam2unet.training.evaluate import PROTOCOLS, evaluate
 
@@ -38,13 +38,13 @@ def variants():
 
 
 def run(model, settings, cases, protocols):
-    saved = (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
-             engine.PROPAGATE_GROWTH, engine.PROPAGATE_MAX_GROWTH)
+    saved = (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, propagation.PROPAGATE_MIN_OVERLAP,
+             propagation.PROPAGATE_GROWTH, propagation.PROPAGATE_MAX_GROWTH)
     preprocess.MIN_CROP_PIXELS = settings.get("min_crop", saved[0])
     postprocess.BOX_REGIONS = settings.get("regions", saved[1])
-    engine.PROPAGATE_MIN_OVERLAP = settings.get("overlap", saved[2])
-    engine.PROPAGATE_GROWTH = settings.get("growth", saved[3])
-    engine.PROPAGATE_MAX_GROWTH = settings.get("max_growth", saved[4])
+    propagation.PROPAGATE_MIN_OVERLAP = settings.get("overlap", saved[2])  # engines built from now on take it
+    propagation.PROPAGATE_GROWTH = settings.get("growth", saved[3])
+    propagation.PROPAGATE_MAX_GROWTH = settings.get("max_growth", saved[4])
     init = engine.Engine.__init__
     if settings.get("flip"):
         def flipped_init(self, *args, **kwargs):
@@ -56,8 +56,8 @@ def run(model, settings, cases, protocols):
                         protocols=protocols, baseline=False, threads=2)
     finally:
         engine.Engine.__init__ = init
-        (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, engine.PROPAGATE_MIN_OVERLAP,
-         engine.PROPAGATE_GROWTH, engine.PROPAGATE_MAX_GROWTH) = saved
+        (preprocess.MIN_CROP_PIXELS, postprocess.BOX_REGIONS, propagation.PROPAGATE_MIN_OVERLAP,
+         propagation.PROPAGATE_GROWTH, propagation.PROPAGATE_MAX_GROWTH) = saved
 
 
 def main() -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_sam2unet import engine as E
 from napari_sam2unet.backends import open_backend
+from napari_sam2unet.engine import Engine
 from napari_sam2unet.models import find_model
 from napari_sam2unet.prompts import Box, Prompts
+from napari_sam2unet.propagation import MIN_PROPAGATE_PIXELS, neighbour_box, propagation_stop
 from napari_sam2unet.training.datasets import default_manifest, find_cases
 from napari_sam2unet.training.evaluate import dice, load_cases
 
@@ -27,20 +28,20 @@ def walk(engine, case):
     """The seed slice's (tp, area) and per direction the slices propagation would segment."""
     prompts = Prompts(boxes=case.boxes["propagated"])
     ((k0, tasks),) = engine.plan(prompts, "slices").items()
-    engine._run_tasks(tasks)
+    engine.run_tasks(tasks)
     seed = engine.slice_result(k0, tasks, prompts, THRESHOLD).mask
     ref = case.mask
     out = {"seed": (int((seed & ref[:, :, k0]).sum()), int(seed.sum())), "dirs": []}
     for step in (-1, 1):
         seq, previous, current = [], seed, k0 + step
-        while 0 <= current < ref.shape[2] and (box := E.mask_box(previous, E.PROPAGATE_GROWTH)) is not None:
+        while 0 <= current < ref.shape[2] and (box := neighbour_box(previous)) is not None:
             task = engine.box_task(Box(current, *box))
-            engine._run_tasks([task])
+            engine.run_tasks([task])
             mask = engine.postprocess(current, [task], prompts, THRESHOLD)
-            if mask.sum() < E.MIN_PROPAGATE_PIXELS:
+            if mask.sum() < MIN_PROPAGATE_PIXELS:
                 break
             seq.append({"k": current, "area": int(mask.sum()), "tp": int((mask & ref[:, :, current]).sum()),
-                        "ref": int(ref[:, :, current].sum()), "today": E.propagation_stop(mask, previous) is not None,
+                        "ref": int(ref[:, :, current].sum()), "today": propagation_stop(mask, previous) is not None,
                         "meanp": float(engine.probability(task)[mask].mean())})
             if mask.sum() > 3 * previous.sum():
                 break
@@ -77,7 +78,7 @@ def best_cut(walks, voxels) -> float:
 def main() -> None:
     specs = [c for c in find_cases([default_manifest()], "validation") if c.split == "validation"]
     backend, _ = open_backend(find_model(None), "cpu", threads=2)
-    engine = E.Engine(backend)
+    engine = Engine(backend)
     walks, voxels, reached, tight_reached = [], [], [], []
     for volume, cases in load_cases(specs, 2, 0, 50):
         engine.set_volume(volume.data, volume.spacing, 2, "auto")

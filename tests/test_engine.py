@@ -225,3 +225,19 @@ def test_propagation_stops_when_the_mask_jumps_or_leaks_not_when_it_shrinks():
     elsewhere[0:8, 30:40] = True
     assert propagation_stop(elsewhere, previous).startswith("jumped")
     assert propagation_stop(np.zeros_like(previous), previous) == "vanished"
+
+
+def test_use_volume_keeps_views_and_cache_for_the_same_array_and_settings(engine):
+    data = sphere_volume()[0]
+    assert engine.use_volume(data, (1.0, 1.0, 2.0))  # first use: set
+    engine.segment(Prompts([Box(6, 10, 8, 38, 32)]))
+    entries, size = engine.cache_entries, engine.cache_bytes
+    assert entries == 1 and size == engine.size[0] * engine.size[1] * 2  # one crop's probabilities, as uint16
+    views = engine.views
+    assert not engine.use_volume(data, [1, 1, 2], axis=2, window="auto")  # the same settings, spelled otherwise
+    assert engine.views is views and engine.cache_entries == entries
+    assert engine.use_volume(data, (1.0, 1.0, 2.0), window="mr")  # another window: set again
+    assert engine.use_volume(data.copy(), (1.0, 1.0, 2.0), window="mr")  # another array: set again
+    assert engine.cache_entries == 0
+    with pytest.raises(TypeError):
+        engine.use_volume(data, (1.0, 1.0, 2.0), windw="mr")
