@@ -47,7 +47,7 @@ def linear_ops(config: str) -> tuple[float, float]:
     """(Linear, Conv2d) operations of one 352-px slice through the config, as --optimize runs it."""
     import torch
 
-    from napari_sam2unet.convert.optimize import unpadded_linears
+    from napari_sam2unet.convert.unpadded import unpadded_linears
     from napari_sam2unet.modeling.sam2unet import build_sam2unet
     from napari_sam2unet.models import INPUT_SIZE
 

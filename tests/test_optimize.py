@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="export tests need the [export] extr
 pytest.importorskip("onnx", reason="export tests need the [export] extra (onnx)")
 
 from napari_sam2unet.backends.onnx import OnnxBackend  # noqa: E402
-from napari_sam2unet.convert import optimize  # noqa: E402
+from napari_sam2unet.convert import optimize, unpadded  # noqa: E402
 from napari_sam2unet.convert.export import add_export_parser, export_onnx  # noqa: E402
 from napari_sam2unet.errors import ModelError  # noqa: E402
 from napari_sam2unet.modeling import build_sam2unet  # noqa: E402
@@ -57,11 +57,11 @@ def test_unpadded_windows_are_exact(model, slices, monkeypatch):
             torch.nn.init.normal_(module.bias, std=0.5, generator=torch.Generator().manual_seed(1))
     x = torch.from_numpy(slices[:1])
     cut_windows = []
-    region = optimize._region_attention
-    monkeypatch.setattr(optimize, "_region_attention", lambda *a: cut_windows.append(a[-1]) or region(*a))
+    region = unpadded._region_attention
+    monkeypatch.setattr(unpadded, "_region_attention", lambda *a: cut_windows.append(a[-1]) or region(*a))
     with torch.no_grad():
         before = model(x)[0]
-        with optimize.unpadded_linears(model):
+        with unpadded.unpadded_linears(model):
             rewritten = model(x)[0]
         after = model(x)[0]
     assert any(padded > 0 for padded in cut_windows)  # block 4's edge windows
@@ -82,7 +82,7 @@ def test_fused_attention_export_agrees_with_torch(model, slices, tmp_path):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.bias, std=0.5, generator=torch.Generator().manual_seed(2))
-    path = optimize.export_unpadded(model, tmp_path / "mha.onnx", fused_attention=True)
+    path = unpadded.export_unpadded(model, tmp_path / "mha.onnx", fused_attention=True)
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     blocks = sum(isinstance(m, MultiScaleBlock) for m in model.modules())
     # One per block, one per cut region of block 4's windows (whole, rows, columns, corner).
@@ -190,6 +190,6 @@ def test_the_fp32_graph_of_a_checkpoint_with_nearly_constant_logits_passes(model
     _, held_out = optimize.split_slices(slices)
     reference = optimize.reference_logits(net, held_out)
     assert np.percentile(reference, 99) - np.percentile(reference, 1) < 1e-5  # nearly constant
-    path = optimize.export_unpadded(net, tmp_path / "flat.onnx", fused_attention=True)
+    path = unpadded.export_unpadded(net, tmp_path / "flat.onnx", fused_attention=True)
     check = optimize.parity(optimize.logits(optimize.session(path), held_out), reference)
     assert optimize.passes(check), check
