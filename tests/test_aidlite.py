@@ -148,32 +148,11 @@ def npu_card(
     """The card with an npu entry, and the stand-in .bin it points at (same quantisation)."""
     in_scale, in_offset = quant_params(in_dtype, *INPUT_RANGE) if in_dtype != "float32" else (1.0, 0)
     out_scale, out_offset = quant_params(out_dtype, *out_range) if out_dtype != "float32" else (1.0, 0)
-    path = aidlite.write_bin(
-        folder / name,
-        card.file,
-        layout=layout,
-        soc=soc,
-        framework=framework,
-        input_dtype=in_dtype,
-        input_scale=in_scale,
-        input_offset=in_offset,
-        output_dtype=out_dtype,
-        output_scale=out_scale,
-        output_offset=out_offset,
-    )
-    binary = NpuBinary(
-        file=path,
-        soc=soc,
-        qnn_version="2.23",
-        framework=framework,
-        layout=layout,
-        input_dtype=in_dtype,
-        input_scale=in_scale,
-        input_offset=in_offset,
-        output_dtype=out_dtype,
-        output_scale=out_scale,
-        output_offset=out_offset,
-    )
+    facts = {"soc": soc, "framework": framework, "layout": layout, "input_dtype": in_dtype, "input_scale": in_scale,
+             "input_offset": in_offset, "output_dtype": out_dtype, "output_scale": out_scale,
+             "output_offset": out_offset}  # the card's entry and the .bin's header say the same
+    path = aidlite.write_bin(folder / name, card.file, **facts)
+    binary = NpuBinary(file=path, qnn_version="2.23", **facts)
     binary = dataclasses.replace(binary, **(card_changes or {}))
     return dataclasses.replace(card, npu=[binary])
 

@@ -21,20 +21,16 @@ def open_backend(
     if kind not in BACKEND_CHOICES:
         raise BackendError(f"unknown backend {kind!r}; use one of {', '.join(BACKEND_CHOICES)}")
     skipped = []
-    if kind in ("auto", "npu"):
-        backend, reason = _try_aidlite(card, strict=kind == "npu")
+    # The NPU routes, in the order auto tries them: (kind, its name in messages, how to start it).
+    for route, label, start in (("npu", "NPU", _try_aidlite), ("qnn", "QNN", _try_qnn)):
+        if kind not in ("auto", route):
+            continue
+        backend, reason = start(card, strict=kind == route)
         if backend is not None:
             return backend, reason
-        if kind == "npu":
-            raise BackendError(f"the NPU backend cannot run: {reason}")
-        skipped.append(reason)
-    if kind in ("auto", "qnn"):
-        backend, reason = _try_qnn(card, strict=kind == "qnn")
-        if backend is not None:
-            return backend, reason
-        if kind == "qnn":
-            raise BackendError(f"the QNN backend cannot run: {reason}")
-        skipped.append(f"QNN: {reason}")
+        if kind == route:
+            raise BackendError(f"the {label} backend cannot run: {reason}")
+        skipped.append(reason if route == "npu" else f"{label}: {reason}")
     from .onnx import OnnxBackend
 
     why = f"CPU (NPU not used: {'; '.join(skipped)})" if skipped else "CPU (asked for)"
@@ -44,33 +40,33 @@ def open_backend(
 def _try_aidlite(card: ModelCard, strict: bool) -> tuple[Backend | None, str]:
     from .aidlite import AidliteBackend, npu_unavailable_reason
 
-    reason = npu_unavailable_reason(card)
-    if reason is not None:
+    backend, reason = _attempt(npu_unavailable_reason(card), lambda: AidliteBackend(card), strict)
+    if backend is None:
         return None, reason
-    try:
-        backend = AidliteBackend(card)
-    except (BackendError, ModelError) as error:
-        if strict:
-            raise
-        # A device that cannot run this binary still segments, on the CPU.
-        return None, f"it failed to start: {error}"
     return backend, f"NPU: {backend.binary.file.name} through AidLite ({backend.choice})"
 
 
 def _try_qnn(card: ModelCard, strict: bool) -> tuple[Backend | None, str]:
     from .qnn import QnnBackend, qnn_unavailable_reason
 
-    reason = qnn_unavailable_reason(card, allow_emulator=strict)
-    if reason is not None:
+    backend, reason = _attempt(qnn_unavailable_reason(card, allow_emulator=strict), lambda: QnnBackend(card), strict)
+    if backend is None:
         return None, reason
+    where = "Qualcomm's x86_64 HTP emulator (slow: for tests)" if backend.emulator else "NPU"
+    return backend, f"{where}: {backend.binary.file.name} through onnxruntime's QNN EP ({backend.choice})"
+
+
+def _attempt(unavailable: str | None, start, strict: bool) -> tuple[Backend | None, str]:
+    """An NPU backend started, or why not: the reason it is unavailable, or its start's error
+    (raised when `strict`; otherwise a device that cannot run the binary still segments, on the CPU)."""
+    if unavailable is not None:
+        return None, unavailable
     try:
-        backend = QnnBackend(card)
+        return start(), ""
     except (BackendError, ModelError) as error:
         if strict:
             raise
         return None, f"it failed to start: {error}"
-    where = "Qualcomm's x86_64 HTP emulator (slow: for tests)" if backend.emulator else "NPU"
-    return backend, f"{where}: {backend.binary.file.name} through onnxruntime's QNN EP ({backend.choice})"
 
 
 def explain_auto(card: ModelCard) -> str:

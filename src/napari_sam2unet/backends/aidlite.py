@@ -19,7 +19,7 @@ from ..errors import BackendError
 from ..models import ModelCard, NpuBinary
 from .base import Backend, checked_batch
 from .qnn_binary import DOCS as _DOCS
-from .qnn_binary import DTYPES, check_binary, dequantise, detect_soc, quantise, select_binary
+from .qnn_binary import DTYPES, chosen_binary, dequantise, detect_soc, quantise, select_binary
 
 __all__ = ["AidliteBackend", "DTYPES", "detect_soc", "npu_unavailable_reason", "select_binary"]
 
@@ -75,12 +75,8 @@ class AidliteBackend(Backend):
 
     def __init__(self, card: ModelCard, binary: NpuBinary | None = None, soc: str | None = None):
         super().__init__(card)
-        if binary is None:
-            binary, self.choice = select_binary(card, soc)
-        else:
-            self.choice = "chosen by the caller"
+        binary, self.choice = chosen_binary(card, binary, soc)
         self.binary = binary
-        check_binary(card, binary)
         try:
             import aidlite
         except ImportError as error:

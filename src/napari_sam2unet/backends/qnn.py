@@ -19,7 +19,7 @@ from ..errors import BackendError
 from ..models import ModelCard, NpuBinary
 from . import qnn_runtime as runtime
 from .base import Backend, checked_batch
-from .qnn_binary import DOCS, check_binary, dequantise, detect_soc, quantise, same_soc, select_binary
+from .qnn_binary import DOCS, chosen_binary, dequantise, detect_soc, quantise, same_soc, select_binary
 
 _ONNX_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5}  # onnx.TensorProto
 
@@ -54,12 +54,8 @@ class QnnBackend(Backend):
     def __init__(self, card: ModelCard, binary: NpuBinary | None = None, soc: str | None = None):
         super().__init__(card)
         target = soc if soc is not None else detect_soc()
-        if binary is None:
-            binary, self.choice = select_binary(card, target)
-        else:
-            self.choice = "chosen by the caller"
+        binary, self.choice = chosen_binary(card, binary, target)
         self.binary = binary
-        check_binary(card, binary)
         self.emulator = runtime.is_emulator()
         device = runtime.ep_device()
         self.facts = runtime.binary_facts(binary.file)

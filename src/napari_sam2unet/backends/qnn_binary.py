@@ -91,6 +91,14 @@ def select_binary(card: ModelCard, soc: str | None = None) -> tuple[NpuBinary, s
     )
 
 
+def chosen_binary(card: ModelCard, binary: NpuBinary | None, soc: str | None = None) -> tuple[NpuBinary, str]:
+    """The caller's binary, else the card's for the SoC (select_binary), checked (check_binary);
+    with a few words saying which."""
+    binary, choice = (binary, "chosen by the caller") if binary is not None else select_binary(card, soc)
+    check_binary(card, binary)
+    return binary, choice
+
+
 def check_binary(card: ModelCard, binary: NpuBinary) -> None:
     """The card's npu entry is usable and the file is the one it describes (ModelError if not)."""
     where = f"model card of {card.name}"

@@ -45,82 +45,46 @@ class Sam2UnetConfig:
         return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
 
 
+def _sam2_size(name: str, **shape) -> Sam2UnetConfig:
+    """One of SAM2's published Hiera sizes, with the SAM2 checkpoint its trunk comes from."""
+    return Sam2UnetConfig(name=name, sam2_trunk=f"sam2_hiera_{name}.pt", **shape)
+
+
 CONFIGS: dict[str, Sam2UnetConfig] = {
-    "large": Sam2UnetConfig(
-        name="large",
-        embed_dim=144,
-        num_heads=2,
-        stages=(2, 6, 36, 4),
-        global_att_blocks=(23, 33, 43),
-        window_spec=(8, 4, 16, 8),
-        pos_embed_size=(7, 7),
-        sam2_trunk="sam2_hiera_large.pt",
-    ),
-    "base_plus": Sam2UnetConfig(
-        name="base_plus",
-        embed_dim=112,
-        num_heads=2,
-        stages=(2, 3, 16, 3),
-        global_att_blocks=(12, 16, 20),
-        window_spec=(8, 4, 14, 7),
-        pos_embed_size=(14, 14),
-        sam2_trunk="sam2_hiera_base_plus.pt",
-    ),
-    "small": Sam2UnetConfig(
-        name="small",
-        embed_dim=96,
-        num_heads=1,
-        stages=(1, 2, 11, 2),
-        global_att_blocks=(7, 10, 13),
-        window_spec=(8, 4, 14, 7),
-        pos_embed_size=(7, 7),
-        sam2_trunk="sam2_hiera_small.pt",
-    ),
-    "tiny": Sam2UnetConfig(
-        name="tiny",
-        embed_dim=96,
-        num_heads=1,
-        stages=(1, 2, 7, 2),
-        global_att_blocks=(5, 7, 9),
-        window_spec=(8, 4, 14, 7),
-        pos_embed_size=(7, 7),
-        sam2_trunk="sam2_hiera_tiny.pt",
-    ),
-    # Compact configs for the bundled CPU model: same structure, trained from scratch.
-    # Patch stride 8 quarters the token count. The first window (4) must divide the stage-1
-    # grid (input/8) for the tiled window embedding, which any multiple of 32 does; windows
-    # stay even so q-pooled windows halve exactly; the small late grids use global attention.
-    "compact": Sam2UnetConfig(
-        name="compact",
-        embed_dim=48,
-        num_heads=1,
-        stages=(1, 2, 4, 1),
-        global_att_blocks=(4, 5, 6, 7),
-        window_spec=(4, 4, 4, 4),
-        patch_kernel=7,
-        patch_stride=8,
-        patch_padding=3,
-        adapter_dim=16,
-        rfb_channels=32,
-        unused_up4=False,
-        work_size=192,
-    ),
-    "compact_s": Sam2UnetConfig(
-        name="compact_s",
-        embed_dim=32,
-        num_heads=1,
-        stages=(1, 1, 2, 1),
-        global_att_blocks=(3, 4),
-        window_spec=(4, 4, 4, 4),
-        patch_kernel=7,
-        patch_stride=8,
-        patch_padding=3,
-        adapter_dim=16,
-        rfb_channels=24,
-        unused_up4=False,
-        work_size=192,
-    ),
+    config.name: config
+    for config in (
+        _sam2_size("large", embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
+                   window_spec=(8, 4, 16, 8), pos_embed_size=(7, 7)),
+        _sam2_size("base_plus", embed_dim=112, num_heads=2, stages=(2, 3, 16, 3), global_att_blocks=(12, 16, 20),
+                   window_spec=(8, 4, 14, 7), pos_embed_size=(14, 14)),
+        _sam2_size("small", embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), global_att_blocks=(7, 10, 13),
+                   window_spec=(8, 4, 14, 7), pos_embed_size=(7, 7)),
+        _sam2_size("tiny", embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
+                   window_spec=(8, 4, 14, 7), pos_embed_size=(7, 7)),
+        # Compact configs for the bundled CPU model: same structure, trained from scratch.
+        # Patch stride 8 quarters the token count. The first window (4) must divide the stage-1
+        # grid (input/8) for the tiled window embedding, which any multiple of 32 does; windows
+        # stay even so q-pooled windows halve exactly; the small late grids use global attention.
+        Sam2UnetConfig(
+            name="compact",
+            embed_dim=48,
+            num_heads=1,
+            stages=(1, 2, 4, 1),
+            global_att_blocks=(4, 5, 6, 7),
+            window_spec=(4, 4, 4, 4),
+            patch_kernel=7,
+            patch_stride=8,
+            patch_padding=3,
+            adapter_dim=16,
+            rfb_channels=32,
+            unused_up4=False,
+            work_size=192,
+        ),
+    )
 }
+CONFIGS["compact_s"] = replace(
+    CONFIGS["compact"], name="compact_s", embed_dim=32, stages=(1, 1, 2, 1), global_att_blocks=(3, 4), rfb_channels=24
+)
 
 
 # Tried for the bundled model and not chosen (docs/performance.md): patch stride 4 as in the
