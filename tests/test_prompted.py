@@ -399,3 +399,13 @@ def test_init_keeps_the_stems_views_in_channel_0_and_refuses_another_config(tmp_
     best.write_text("not a checkpoint")
     with pytest.raises(InputError, match="--init"):
         load_initial_weights(torch, new, best, "prompted")
+
+
+def test_a_negative_click_inside_the_object_opens_a_hole_there_whatever_its_size(engine):
+    """Post-processing fills specks, but never the hole the user clicked negative in."""
+    box = Box(6, 12, 8, 37, 33)
+    result = engine.segment(Prompts([box]))
+    engine.correct(result, 6, Prompts([box], [Point(6, 24.5, 20.5, positive=False)]))  # the middle
+    after = result.slices[6].mask
+    assert not after[24, 20]
+    assert after[24, 16] and after[24, 24] and after[20, 20] and after[28, 20]  # the rest stays

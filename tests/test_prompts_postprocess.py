@@ -132,3 +132,13 @@ def test_hole_filling_can_keep_a_ring_open_and_still_fill_specks(monkeypatch):
     assert select_regions(probability, 0.5)[15, 15] == 0
     monkeypatch.setattr(postprocess, "HOLE_SHARE", None)
     assert select_regions(probability, 0.5).sum() == 900
+
+
+def test_a_hole_with_a_negative_point_in_it_stays_open_however_small():
+    probability = np.zeros((20, 20), np.float32)
+    probability[2:18, 2:18] = 0.9
+    probability[9:11, 9:11] = 0.1  # a speck of a hole: filled, unless the user points at it
+    assert select_regions(probability, 0.5).sum() == 256
+    assert not select_regions(probability, 0.5, negative=[(9.5, 9.5)])[9, 9]
+    assert not select_regions(probability, 0.5, open_at=[(9.5, 9.5)])[9, 9]
+    assert select_regions(probability, 0.5, negative=[(9.5, 9.5)]).sum() == 252

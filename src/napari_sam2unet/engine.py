@@ -242,7 +242,8 @@ class Engine:
                 # The model saw the clicks: its mask is the answer. Only a mask from clicks alone
                 # keeps to the regions under its positive clicks (a stray blob is not the object).
                 keep = [(i, j) for i, j, sign in task.clicks if sign] if task.keep_clicked else []
-                mask |= select_regions(self.probability(task), threshold, task.clip, keep, [])
+                opened = [(i, j) for i, j, sign in task.clicks if not sign]  # holes the user asked for
+                mask |= select_regions(self.probability(task), threshold, task.clip, keep, [], open_at=opened)
             else:
                 mask |= select_regions(self.probability(task), threshold, task.clip, positive, negative)
         return mask
