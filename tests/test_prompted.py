@@ -409,3 +409,31 @@ def test_a_negative_click_inside_the_object_opens_a_hole_there_whatever_its_size
     after = result.slices[6].mask
     assert not after[24, 20]
     assert after[24, 16] and after[24, 24] and after[20, 20] and after[28, 20]  # the rest stays
+
+
+def test_a_cards_propagation_prior_weighs_the_neighbours_mask_and_only_when_propagating(prompted_card):
+    """`propagation_prior: 0.25` draws a propagated slice's prior at a quarter; a correction's
+    prior (the user's current mask) stays whole. A weight outside 0..1 is refused in one line."""
+    import yaml
+
+    from napari_sam2unet.errors import ModelError
+    from napari_sam2unet.models import load_card
+
+    path = prompted_card.card_path
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "propagation_prior": 0.25}))
+    engine = sphere_engine(load_card(path))
+    spec = engine.card.input
+    result = engine.segment(Prompts([Box(6, 12, 8, 37, 33)]), scope="propagate")
+    neighbour = result.slices[6].mask
+    drawn = {}
+    for name, task in (("propagated", engine.propagation_task(7, neighbour)),
+                       ("corrected", engine.correction_task(7, neighbour, [Point(7, 24.5, 20.5)]))):
+        x = engine._model_input(task)
+        drawn[name] = float((x[1] * spec.std[1] + spec.mean[1]).max())
+    assert drawn == pytest.approx({"propagated": 0.25, "corrected": 1.0}, abs=0.01)
+    assert 7 in result.slices and result.slices[7].mask.any()  # a quarter of a prior still propagates
+    for bad in (1.5, -0.1, "strong"):
+        path.write_text(yaml.safe_dump({**raw, "propagation_prior": bad}))
+        with pytest.raises(ModelError, match="propagation_prior"):
+            load_card(path)

@@ -168,7 +168,7 @@ class Engine:
         if box is None:
             return None
         task = self.box_task(Box(k, *box))
-        return replace(task, prior=Prior.of(previous)) if self.prompted else task
+        return replace(task, prior=Prior.of(previous, self.card.propagation_prior)) if self.prompted else task
 
     def whole_slice_task(self, k: int) -> SliceTask:
         return SliceTask(k, crop_for_slice(self.slice_shape, self.slice_spacing, self.card.input.crop), None)
@@ -204,6 +204,8 @@ class Engine:
         x = to_model_input(raw, self.views, self.card.input, out)
         if self.prompted:
             prior = prior_in_crop(task.prior.mask if task.prior else None, task.crop, self.size)
+            if task.prior and task.prior.weight != 1.0:
+                prior *= np.float32(task.prior.weight)
             clicks = [(*to_crop_coords(i, j, task.crop, self.size), positive) for i, j, positive in task.clicks]
             write_prompts(x, prior, click_map(clicks, self.size), self.card.input)
         return x

@@ -93,6 +93,10 @@ class ModelCard:
     threshold: float = THRESHOLD
     # Average the logits of the slice and its three flips (4x the model's work, steadier edges).
     flip_average: bool = False
+    # How strongly a prompted model sees the neighbour's mask when propagating: the prior channel
+    # holds that mask times this (0..1). A model that copies its prior too faithfully follows
+    # the image more with less (the bundled card's choice is measured in docs/performance.md).
+    propagation_prior: float = 1.0
     sha256: str | None = None
     card_path: Path | None = None
     npu: list[NpuBinary] = field(default_factory=list)
@@ -251,6 +255,8 @@ def card_from_dict(data: dict[str, Any], card_path: Path) -> ModelCard:
         output_shape=_shape(output.get("shape", ModelCard.output_shape), "output.shape", card_path, 1, "nchw"),
         threshold=_number(data.get("threshold", ModelCard.threshold), "threshold", card_path, 0, 1),
         flip_average=flip,
+        propagation_prior=_number(data.get("propagation_prior", 1.0), "propagation_prior", card_path, 0, 1,
+                                  inclusive=True),
         sha256=_sha256(data.get("sha256"), "sha256", card_path),
         card_path=card_path,
         npu=[_npu_binary(entry, base, card_path) for entry in npu],

@@ -17,16 +17,18 @@ from .preprocess import Crop
 @dataclass(frozen=True, eq=False)
 class Prior:
     """A slice's mask given to a prompted model (the neighbour's when propagating, the current
-    one when correcting); the digest keys the cache without hashing the array each time."""
+    one when correcting), drawn at `weight` (0..1) in the prior channel; the digest keys the
+    cache without hashing the array each time."""
 
     mask: np.ndarray
     digest: str
+    weight: float = 1.0
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> Prior:
+    def of(cls, mask: np.ndarray, weight: float = 1.0) -> Prior:
         mask = np.ascontiguousarray(mask, dtype=bool)
-        digest = hashlib.blake2b(np.packbits(mask).tobytes() + repr(mask.shape).encode(), digest_size=16).hexdigest()
-        return cls(mask, digest)
+        stamp = np.packbits(mask).tobytes() + repr((mask.shape, float(weight))).encode()
+        return cls(mask, hashlib.blake2b(stamp, digest_size=16).hexdigest(), float(weight))
 
 
 @dataclass(frozen=True)

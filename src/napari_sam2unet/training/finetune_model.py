@@ -98,6 +98,7 @@ def card_extra(base: Base, data, settings, before: float, after: float, seconds:
         "input": input_fields(spec),
         "threshold": float(raw.get("threshold", THRESHOLD)),
         "flip_average": bool(raw.get("flip_average", False)),
+        "propagation_prior": float(raw.get("propagation_prior", 1.0)),
         "licence": f"{licence}; fine-tuned on the data below, whose terms apply too",
         "task": raw.get("task", "box-steered segmentation of one structure per box"),
         "finetune": {
