@@ -66,7 +66,7 @@ def test_many_distinct_boxes_on_one_slice_are_prepared_a_few_at_a_time(brightnes
     engine.set_volume(volume, (1.0, 1.0, 1.0), 2, "auto")
     boxes = [Box(1, 20 + 2 * (i % 40), 20 + (i // 40), 170, 172) for i in range(1000)]  # the 1000
     result, peak = _peak(lambda: engine.segment(Prompts(boxes, []), "slices"))
-    assert len(engine._cache) == 1000 and 1 in result.slices  # every box ran, none twice
-    cached = sum(p.nbytes for p in engine._cache.values())
+    assert engine.cache_entries == 1000 and 1 in result.slices  # every box ran, none twice
+    cached = engine.cache_bytes
     one_input = 3 * 352 * 352 * 4
     assert peak < cached + 2 * MAX_PREPARED * one_input + 16 * 2**20, f"{peak / 2**20:.0f} MiB"
