@@ -21,7 +21,7 @@ from .label_files import name_features
 from .layer_prompts import current_slice, only_slice, slice_axis
 from .prompts import Prompts
 from .provenance import COLOURS_KEY, META_KEY, NAMES_KEY, RUNS_KEY, run_record
-from .segment_case import NonFinite, Opened, Segmented
+from .segment_case import NonFinite, Opened, SegmentOptions, iter_segment_volume
 
 # Scope choices: (shown text, (engine scope, only the current slice's prompts?)).
 SCOPE_TEXTS = (
@@ -59,6 +59,12 @@ class Job:
     created: bool = False  # the layer was made for this run
     step: Step | None = field(default=None, repr=False)
 
+    def options(self) -> SegmentOptions:
+        """How segment_case runs this job."""
+        return SegmentOptions(axis=self.axis, scope=self.scope, window=self.window, threshold=self.threshold,
+                              label=self.obj.label, name=self.obj.name, replace_nonfinite=True,  # said on the dock
+                              min_overlap=self.min_overlap, model=self.model, backend=self.backend)
+
 
 def read_job(widget, scope_text: str | None = None) -> Job:
     """The run the controls and layers ask for now (raises a Sam2UnetError that says what to do)."""
@@ -89,29 +95,20 @@ def read_job(widget, scope_text: str | None = None) -> Job:
     data = image.data if isinstance(image.data, np.ndarray) else np.asarray(image.data)
     return Job(image=image, data=data, spacing=tuple(float(abs(s)) for s in image.scale[-3:]), axis=axis,
                prompts=prompts, drawn=drawn, scope=scope, threshold=float(widget.threshold.value),
-               window=widget.window.value, model=widget.model_spec(), backend=widget.backend.value, slice=k,
+               window=widget.window.value, model=widget.models.spec(), backend=widget.backend.value, slice=k,
                obj=obj, target=target, min_overlap=float(widget.min_overlap.value))
 
 
-# The worker thread's messages are segment_case's events (Opened, NonFinite, Segmented).
-
-
 def work(job: Job, session):
-    """The worker thread: the object's engine on the volume, segment batch by batch."""
-    card, backend, why = session.backend(job.model, job.backend)
-    engine = job.obj.engine
-    if engine is None or engine.backend is not backend:
-        engine = Engine(backend)  # one per object: its cache holds that object's probabilities
-    yield Opened(engine, why)
-    # NaN/Inf voxels (napari shows them as black) count as the lowest intensity; said on the dock.
-    if engine.use_volume(job.data, spacing=job.spacing, axis=job.axis, window=job.window,
-                         replace_nonfinite=True) and engine.replaced_voxels:
-        yield NonFinite(engine.replaced_voxels)
-    engine.propagate_min_overlap = job.min_overlap
-    result = None
-    for done, total, result in engine.iter_segment(job.prompts, job.scope, job.threshold):
-        yield Segmented(done, total, result)
-    return engine, result
+    """The worker thread: segment_case's steps (its events are the messages) on the object's engine,
+    without a full-volume label map (slices are written as they come); returns (engine, result)."""
+    # The job holds the volume (.data, .spacing); the object's engine keeps its cache.
+    steps = iter_segment_volume(job, job.prompts, job.options(), session.backends, engine=job.obj.engine,
+                                labels=False)
+    opened = next(steps)  # always first: the engine the run uses
+    yield opened
+    _, result, _ = yield from steps
+    return opened.engine, result
 
 
 class InOrder:

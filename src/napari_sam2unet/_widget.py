@@ -1,10 +1,10 @@
 """The napari dock widget: its controls, their wiring and what it tells the user.
 
 Runs (a Job, the worker, its messages) are in _run, prompt layers in _prompt_layers, edits as the
-user prompts in _edits, objects and undo in _object_controls, the view in _view_keeper, saving in
-_save_labels; the rules of edits on the Session are in the Qt-free editing module, every
-segmentation decision is the engine's. No ``from __future__ import annotations``: napari reads
-the ``Viewer`` annotation at runtime."""
+user prompts in _edits, objects and undo in _object_controls, the view in _view_keeper, the model
+and backend in _model_picker, saving in _save_labels; the rules of edits on the Session are in the
+Qt-free editing module, every segmentation decision is the engine's. No ``from __future__ import
+annotations``: napari reads the ``Viewer`` annotation at runtime."""
 
 import logging
 from pathlib import Path
@@ -14,7 +14,6 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
-    FileEdit,
     FloatSlider,
     FloatSpinBox,
     Label,
@@ -26,21 +25,21 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from ._adapt import ADAPT_STEPS, ADAPTED, AdaptController
+from ._adapt import ADAPT_STEPS, AdaptController
 from ._dock import fold_into, scroll_into
 from ._edits import PromptEdits
+from ._model_picker import ModelPicker
 from ._object_controls import ObjectControls
 from ._prompt_layers import PromptLayers
 from ._run import SCOPE_TEXTS, RunController, read_job
 from ._save_labels import save_labels
 from ._view_keeper import ViewKeeper
 from ._volume_picker import VolumePicker
-from .backends import BACKEND_CHOICES
 from .editing import Editor
 from .engine import PROPAGATE_MIN_OVERLAP, Engine
 from .errors import Cancelled, Sam2UnetError
 from .history import layer_key
-from .models import DEFAULT_MODEL, find_model, list_models
+from .layer_prompts import SIGN_COLOURS
 from .objects import SegObject
 from .preprocess import WINDOW_CHOICES
 from .provenance import META_KEY
@@ -89,7 +88,7 @@ class SegmentWidget(Container):
         self.display = ComboBox(label="Display", choices=list(DISPLAY_WINDOWS), value="as opened",
                                 tooltip="CT window for the display only (the model's input is set by Window)")
         self.add_prompts_button = PushButton(text="Add prompt layers (points, boxes)")
-        self.point_sign = ComboBox(label="New points", choices=["positive", "negative"],
+        self.point_sign = ComboBox(label="New points", choices=list(SIGN_COLOURS),
                                    tooltip="Press n on the points layer to switch")
         self.auto_run = CheckBox(text="Segment as you prompt", value=True,
                                  tooltip="A new box or point segments its slice at once")
@@ -100,11 +99,9 @@ class SegmentWidget(Container):
         # Keys in the tooltips: the buttons' row fits a laptop dock.
         self.commit_button = PushButton(text="Commit, next object", tooltip="Shift+C: keep this object, start the next")
         self.clear_button = PushButton(text="Clear prompts", tooltip="Shift+X: empty this object's prompt layers")
-        self.model = ComboBox(label="Model", choices=self._model_choices, value=DEFAULT_MODEL)
-        self.model_file = FileEdit(label="or model file", filter="*.onnx *.yaml", value="",
-                                   tooltip="A .onnx (or its .yaml card); wins over the model list")
-        self.backend = ComboBox(label="Backend", choices=list(BACKEND_CHOICES), value="auto")
-        self.backend_info = Label(label="Runs on", value="(chosen at the first run)")
+        self.models = models = ModelPicker(self)
+        self.model, self.model_file = models.model, models.model_file
+        self.backend, self.backend_info = models.backend, models.backend_info
         self.window = ComboBox(label="Window", choices=list(WINDOW_CHOICES), value="auto",
                                tooltip="The model's input: auto = MR percentiles, or CT soft tissue for CT-like values")
         self.scope = ComboBox(label="Scope", choices=[(text, text) for text, _ in SCOPE_TEXTS], value="this slice")
@@ -134,7 +131,7 @@ class SegmentWidget(Container):
         if self.session.objects.current is None:
             self.session.objects.new(label=1)
         self.show_object()
-        self._on_model_choice()
+        models.on_choice()
         if self.image.value is not None:
             self.views.radiological(self.image.value)
         self.volumes.update()
@@ -184,8 +181,6 @@ class SegmentWidget(Container):
         self.label_name.changed.connect(self.object_controls.on_label_name)
         self.commit_button.changed.connect(self.commit)
         self.clear_button.changed.connect(self.clear_prompts)
-        self.model.changed.connect(self._on_model_choice)
-        self.model_file.changed.connect(self._on_model_choice)
         self.threshold.changed.connect(self.edits.on_threshold)
         self.run_button.changed.connect(self.run)
         self.scope.changed.connect(lambda value: setattr(self.run_button, "text", run_label(value)))
@@ -215,13 +210,6 @@ class SegmentWidget(Container):
     def _image_choices(self, _widget=None):
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
 
-    def _model_choices(self, _widget=None):
-        # The bundled model first: a fine-tuned model never becomes the default by its name.
-        # A model adapted to the chosen image is offered for that image only.
-        names = {card.name for card in list_models()} - {DEFAULT_MODEL}
-        adapted = hasattr(self, "image") and self.adapt.card_for(self.image.value) is not None
-        return [DEFAULT_MODEL, *sorted(names), *([ADAPTED] if adapted else [])]
-
     def _object_choices(self, _widget=None):
         return self.object_controls.choices() if hasattr(self, "object_controls") else []
 
@@ -236,22 +224,6 @@ class SegmentWidget(Container):
         self.image.reset_choices()
         self.target.reset_choices()
         self.volumes.update()
-
-    def model_spec(self) -> str:
-        path = str(self.model_file.value or "").strip()
-        if path not in ("", "."):
-            return path
-        if self.model.value == ADAPTED:
-            return str(self.adapt.card_for(self.image.value) or DEFAULT_MODEL)
-        return self.model.value
-
-    def _on_model_choice(self, _value=None):
-        try:
-            card = find_model(self.model_spec(), verify=False)
-        except Sam2UnetError:
-            return  # said at Run time, where the user can act on it
-        with self.threshold.changed.blocked():  # the card's threshold is for the next run only
-            self.threshold.value = card.threshold
 
     def _on_layer_inserted(self, event):
         layer = event.value

@@ -81,31 +81,20 @@ class Segmented:
 
 
 Event = Opened | NonFinite | Segmented
-Steps = Generator[Event, None, tuple[np.ndarray, SegmentationResult, dict]]
+Steps = Generator[Event, None, tuple[np.ndarray | None, SegmentationResult, dict | None]]
+
 
 def segment_volume(
-    volume,
-    prompts: Prompts,
-    options: SegmentOptions,
-    pool: BackendPool,
-    *,
-    engine: Engine | None = None,
-    source: str | Path | None = None,
-    prior: np.ndarray | None = None,
-    record_extra: dict[str, Any] | None = None,
-    on_event: Callable[[Event], None] | None = None,
+    volume, prompts: Prompts, options: SegmentOptions, pool: BackendPool, *,
+    on_event: Callable[[Event], None] | None = None, **how: Any,
 ) -> tuple[np.ndarray, SegmentationResult, dict[str, Any]]:
     """Segment `volume` (anything with .data and .spacing, e.g. an io.Volume) with `prompts`.
 
     Returns (labels, result, record): the label map holding options.label, the engine's result
-    and the provenance record (with `record_extra` added). `engine`: reuse this engine and its
-    cache when it runs on the same backend. `source`: the image the record names (default
-    volume.path). `prior`: a mask to correct instead of segmenting: every slice with points is
-    looked at again with its mask there as the prior (a prompted model only). `on_event` sees
-    each Opened, NonFinite and Segmented step.
+    and the provenance record. `how`: iter_segment_volume's keywords (engine, source, prior,
+    record_extra). `on_event` sees each Opened, NonFinite and Segmented step.
     """
-    steps = iter_segment_volume(volume, prompts, options, pool, engine=engine, source=source, prior=prior,
-                                record_extra=record_extra)
+    steps = iter_segment_volume(volume, prompts, options, pool, **how)
     while True:
         try:
             event = next(steps)
@@ -125,9 +114,18 @@ def iter_segment_volume(
     source: str | Path | None = None,
     prior: np.ndarray | None = None,
     record_extra: dict[str, Any] | None = None,
+    labels: bool = True,
 ) -> Steps:
     """segment_volume step by step: yields Opened, NonFinite and Segmented (after each batch of
-    slices) and returns (labels, result, record), e.g. `labels, result, record = yield from ...`."""
+    slices) and returns (labels, result, record), e.g. `labels, result, record = yield from ...`.
+
+    `engine`: reuse this engine and its cache when it runs on the same backend. `source`: the
+    image the record names (default volume.path). `prior`: a mask to correct instead of
+    segmenting: every slice with points is looked at again with its mask there as the prior (a
+    prompted model only). `record_extra`: added to the record. `labels=False`: neither the
+    full-volume label map nor the record is built, (None, result, None), for a caller that
+    writes the result's slices and its own record (the widget).
+    """
     card, backend, why = pool.get(options.model, options.backend, options.threads, options.model_sha256)
     if engine is None or engine.backend is not backend:
         engine = Engine(backend)  # a new engine: a new cache
@@ -146,6 +144,8 @@ def iter_segment_volume(
             result = SegmentationResult(engine.shape, engine.axis, threshold)
     else:
         result = _correct(engine, prior, prompts, options.threshold)
+    if not labels:
+        return None, result, None
     image = source if source is not None else (getattr(volume, "path", None) or "")
     record = _record(image, card, backend, why, engine, result, prompts, options, record_extra or {})
     return result.labels(options.label), result, record
