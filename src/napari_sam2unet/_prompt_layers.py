@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 from napari.layers import Points, Shapes
 
+from ._widget_part import WidgetPart
 from .errors import InputError, Sam2UnetError
 from .layer_prompts import SIGN_COLOURS, colour_points, layer_prompts, show_prompts, slice_axis
 from .prompts import Prompts
@@ -13,16 +14,12 @@ from .prompts import Prompts
 MARKER_PX = (7, 12)
 
 
-class PromptLayers:
+class PromptLayers(WidgetPart):
     """The widget's prompt layers; ``quiet`` is True while we fill them (not a user's edit)."""
 
     def __init__(self, widget) -> None:
-        self.widget = widget
+        super().__init__(widget)
         self.quiet = False
-
-    @property
-    def viewer(self):
-        return self.widget.viewer
 
     def axis(self, image=None) -> int:
         image = image if image is not None else self.widget.image.value

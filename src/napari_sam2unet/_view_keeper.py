@@ -3,19 +3,16 @@ dock narrows the canvas, the display window and the cursor's voxel and RAS posit
 
 import numpy as np
 
+from ._widget_part import WidgetPart
 from .history import layer_key
 from .provenance import META_KEY
 from .views import display_limits, ras_mm, show_plane
 
 
-class ViewKeeper:
+class ViewKeeper(WidgetPart):
     def __init__(self, widget) -> None:
-        self.widget = widget
-        self._fitted = None
-
-    @property
-    def viewer(self):
-        return self.widget.viewer
+        super().__init__(widget)
+        self._fitted = None  # (zoom, centre) of the last fitted view
 
     def _camera(self):
         scene = getattr(self.viewer, "scene", None)  # napari 0.9 moved the camera to the scene
