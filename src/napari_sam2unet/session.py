@@ -26,10 +26,6 @@ class Session:
     def busy(self) -> bool:
         return self.worker is not None
 
-    def backend(self, spec: str, kind: str):
-        """(card, backend, why) for a model and backend kind, opened once (runs in the worker thread)."""
-        return self.backends.get(spec, kind)
-
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
