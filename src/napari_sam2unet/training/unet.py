@@ -6,18 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.decoder import DoubleConv
 from ..modeling.sam2unet import to_work_size
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+    """The SAM2-UNet decoder's (3x3 conv, BN, ReLU) twice, as a bare Sequential (its weights' names)."""
+    return DoubleConv(cin, cout, cout).double_conv
 
 
 class PlainUNet(nn.Module):
