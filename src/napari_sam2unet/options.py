@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
+from .paths import probe_writable
 
 
 def check_threads(threads: int | None, option: str = "--threads", zero_is_default: bool = False) -> None:
@@ -57,9 +57,7 @@ def check_folder_writable(folder: Path, option: str) -> None:
     if not existing.is_dir():
         raise InputError(f"{option} {folder}: {existing} is a file, not a folder; choose another {option}")
     try:
-        handle, probe = tempfile.mkstemp(prefix=".sam2unet-probe-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
+        probe_writable(existing)
     except OSError as error:
         why = "permission denied" if isinstance(error, PermissionError) else (error.strerror or str(error))
         raise InputError(f"{option} {folder}: cannot write in {existing} ({why}); choose another {option}") from None

@@ -133,11 +133,16 @@ def _same_stem_images(out: Path) -> list[Path]:
     return [out.with_name(name) for name in names if is_nifti_path(name) and nifti_stem(Path(name)).lower() == stem]
 
 
+def probe_writable(folder: Path) -> None:
+    """Create and remove a temporary file in `folder`: OSError if we cannot write there (read-only,
+    full, no permission), found before the work rather than after it."""
+    handle, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    os.close(handle)
+    os.unlink(probe)
+
+
 def _check_writable(folder: Path) -> None:
-    """Create and remove a temporary file: a read-only or full folder fails now, not after the work."""
     try:
-        handle, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
-        os.close(handle)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as error:
         raise InputError(os_error_text(f"cannot write in {folder}", error, "choose another --out folder")) from None
