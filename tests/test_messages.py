@@ -189,3 +189,15 @@ def test_a_name_in_two_model_folders_warns_once_naming_both_and_the_first_folder
     assert "give its path as the model" in err
     assert main(["models"]) == 0  # once a process, not at every lookup
     assert capsys.readouterr().err == ""
+
+
+def test_a_card_with_a_propagation_prior_outside_0_to_1_is_one_line(tmp_path, prompted_card, real_data, capsys):
+    import yaml
+
+    path = prompted_card.card_path
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "propagation_prior": 4}))
+    out = tmp_path / "out.nii.gz"
+    code = main(["segment", str(real_data / "totalseg" / "example_mr_sm.nii.gz"), "--box", "10:8,21,43,71",
+                 "--scope", "propagate", "--model", str(path), "-o", str(out)])
+    assert code == 2 and not out.exists()
+    _one_line(capsys.readouterr().err, "propagation_prior", "4", "[0, 1]")

@@ -437,3 +437,22 @@ def test_a_cards_propagation_prior_weighs_the_neighbours_mask_and_only_when_prop
         path.write_text(yaml.safe_dump({**raw, "propagation_prior": bad}))
         with pytest.raises(ModelError, match="propagation_prior"):
             load_card(path)
+
+
+def test_npu_calibration_draws_a_propagated_prior_at_the_cards_weight(tmp_path, prompted_card):
+    """Calibration inputs carry prompts as the engine draws them, so also the card's propagation_prior."""
+    import yaml
+    from conftest import write_nifti
+
+    from napari_sam2unet.backends.onnx import OnnxBackend
+    from napari_sam2unet.convert.qnn_slices import Scan, engine_inputs
+    from napari_sam2unet.models import load_card
+
+    path = prompted_card.card_path
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "propagation_prior": 0.25}))
+    data, truth = sphere_volume()
+    image = write_nifti(tmp_path / "ball.nii.gz", data)
+    labels = write_nifti(tmp_path / "ball_seg.nii.gz", truth.astype(np.uint8))
+    inputs = engine_inputs(OnnxBackend(load_card(path), threads=1), [Scan(image, labels)], 9)
+    priors = np.round((inputs[:, 1] * SPEC.std[1] + SPEC.mean[1]).max((1, 2)), 2)
+    assert sorted(priors) == [0.0] * 3 + [0.25] * 3 + [1.0] * 3  # box alone, propagated, corrected

@@ -204,8 +204,8 @@ class Engine:
         x = to_model_input(raw, self.views, self.card.input, out)
         if self.prompted:
             prior = prior_in_crop(task.prior.mask if task.prior else None, task.crop, self.size)
-            if task.prior and task.prior.weight != 1.0:
-                prior *= np.float32(task.prior.weight)
+            if task.prior:
+                prior *= np.float32(task.prior.weight)  # a propagated prior at the card's propagation_prior
             clicks = [(*to_crop_coords(i, j, task.crop, self.size), positive) for i, j, positive in task.clicks]
             write_prompts(x, prior, click_map(clicks, self.size), self.card.input)
         return x

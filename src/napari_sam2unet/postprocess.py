@@ -83,12 +83,11 @@ def fill_small_holes(mask: np.ndarray, share: float | None, open_at: Sequence[tu
         return mask
     sizes = np.bincount(holes.ravel())
     fill = np.ones(count + 1, bool) if share is None else sizes < share * (mask.sum() + sizes[1:].sum())
-    fill[0] = False
+    fill[0] = False  # label 0 is the mask and the outside, never a hole
     for i, j in open_at:
         r, c = int(i), int(j)
         if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1]:
             fill[holes[r, c]] = False
-    fill[0] = False
     return mask | fill[holes]
 
 

@@ -92,7 +92,8 @@ def _with_prompts(engine: Engine, task, structure: np.ndarray, turn: int):
     truth = axis_plane(structure, task.slice, engine.axis)
     if turn % 3 == 1:
         neighbour = axis_plane(structure, min(task.slice + 1, engine.shape[engine.axis] - 1), engine.axis)
-        return replace(task, prior=Prior.of(neighbour if neighbour.any() else truth))
+        # drawn at the card's weight, as the engine draws a propagated slice's prior
+        return replace(task, prior=Prior.of(neighbour if neighbour.any() else truth, engine.card.propagation_prior))
     flawed = ndimage.binary_erosion(truth, iterations=2)
     click = error_click(flawed, truth)
     clicks = () if click is None else ((click[0] + 0.5, click[1] + 0.5, click[2]),)
