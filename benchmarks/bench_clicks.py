@@ -100,12 +100,23 @@ def measure(engine, target, k):
         row[f"click {side:g} mm only"] = dice(segment(engine, Prompts(points=[click]))[k], target)
     engine.click_choice, engine.click_sides_mm = chosen
     row["click (as shipped)"] = dice(segment(engine, Prompts(points=[click]))[k], target)
+    row["click, best crop knowing the target (ceiling)"] = best_crop_dice(engine, click, target)
     whole = engine.whole_slice_task(k)
     engine.run_tasks([whole])
     row["click, whole slice (before)"] = dice(
         postprocess.select_regions(engine.probability(whole), engine.card.threshold, None, [(click.i, click.j)]),
         target)
     return row | leak_figures(engine, target, k, box, box_mask)
+
+
+def best_crop_dice(engine, click, target) -> float:
+    """Dice of the best of the shipped candidate crops around a click, chosen knowing the target:
+    what a perfect choice among the crops would give (the shipped rule sees only the masks)."""
+    tasks = engine.click_tasks(click.slice, [click])
+    engine.run_tasks(tasks)
+    at = [(click.i, click.j)]
+    return max(dice(postprocess.select_regions(engine.probability(t), engine.card.threshold, t.clip, at), target)
+               for t in tasks)
 
 
 def leak_figures(engine, target, k, box, box_mask):
