@@ -5,7 +5,8 @@
 Per structure: up to --slices slices (evenly spread over those where its largest connected
 region has at least 30 pixels, axis 2); the target is that region. A click is its deepest pixel
 (the middle a user clicks); a box is its bounding box. Click choices and negative-point splits
-are switched through the engine's and postprocess's settings, on one cache. A leak is the
+are switched through the engine's and postprocess's settings, on one cache; the best of the
+shipped crops, chosen knowing the target, is the ceiling a choice rule can reach. A leak is the
 largest region of the box mask outside the target that touches it (at least 10 pixels); the
 negative point goes on its deepest pixel. Dice per slice, averaged per structure, then over
 structures. The structures are the bundled manifest's validation split (training/bundled_data.yaml,

@@ -217,6 +217,25 @@ def test_training_crops_carry_prompts_drawn_like_the_engines(shared_data, monkey
     assert set(modes) == set(data.PROMPT_MODES)
 
 
+@pytest.mark.parametrize("extent", [(0.7, 4.0), (0.3, 6.0)])
+def test_a_clicks_training_crop_spans_the_set_share_of_the_structure_and_holds_the_click(monkeypatch, extent):
+    from napari_sam2unet.training import data
+
+    monkeypatch.setattr(data, "CLICK_CROP_EXTENT", extent)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((200, 200), dtype=bool)
+    mask[60:100, 70:130] = True  # 40 x 60 pixels of 0.5 x 1 mm: a 60 mm extent
+    sides = []
+    for _ in range(200):
+        click = prompt_sim.interior_click(rng, mask)
+        crop = data._click_crop(rng, mask, click, (0.5, 1.0))
+        sides.append((crop.c1 - crop.c0) * 1.0)
+        assert (crop.r1 - crop.r0) * 0.5 == pytest.approx(sides[-1])  # square in mm
+        assert crop.r0 <= click[0] + 0.5 <= crop.r1 and crop.c0 <= click[1] + 0.5 <= crop.c1
+    low, high = extent[0] * 60, extent[1] * 60
+    assert low - 1e-6 <= min(sides) < low * 1.5 and high / 1.5 < max(sides) <= high + 1e-6
+
+
 def test_training_rounds_click_on_the_models_own_errors():
     torch = pytest.importorskip("torch")
     from napari_sam2unet.training.train import click_rounds

@@ -39,8 +39,10 @@ PAST_END_SHARE = 0.3
 # sees a click in fixed crops of 16-121 mm, smaller than a large structure and many times a small
 # one, and keeps the smallest whose mask does not reach its edge (clicks.CLICK_CHOICE): that works
 # only if a structure cut by the crop runs to the crop's edge. (0.7, 4) is the bundled recipe;
-# 800 more steps at (0.3, 6) raised one click per slice on validation from 0.588 to 0.600 (left
-# atrium 0.32 -> 0.58) and moved nothing else (docs/performance.md, 2026-12-04): for the next run.
+# 800 more steps at (0.3, 6) from the bundled weights raised one click per slice on validation
+# from 0.588 to 0.600 (left atrium 0.32 -> 0.58, hippocampus down 0.01-0.03), the other protocols
+# within 0.006; 800 steps beyond that lost propagation (docs/performance.md, 2026-12-04). For a
+# from-scratch run.
 CLICK_CROP_EXTENT = (0.7, 4.0)
 
 
