@@ -236,6 +236,37 @@ def test_a_clicks_training_crop_spans_the_set_share_of_the_structure_and_holds_t
     assert low - 1e-6 <= min(sides) < low * 1.5 and high / 1.5 < max(sides) <= high + 1e-6
 
 
+def test_the_click_crop_extent_flag_reaches_the_crop_workers_and_rejects_bad_sizes(monkeypatch, tmp_path):
+    from napari_sam2unet.cli import build_parser
+    from napari_sam2unet.errors import InputError
+    from napari_sam2unet.training import data
+    from napari_sam2unet.training.train_settings import TrainSettings
+
+    args = build_parser().parse_args(["train", "--out-dir", str(tmp_path), "--click-crop-extent", "0.3", "6"])
+    settings = TrainSettings.from_args(args)
+    assert tuple(settings.click_crop_extent) == (0.3, 6.0)
+    assert TrainSettings().click_crop_extent == data.CLICK_CROP_EXTENT  # the bundled recipe by default
+
+    # A crop worker runs in a process of its own: it takes the run's extent before drawing a crop.
+    class Stop(Exception):
+        pass
+
+    class OneBatch:
+        def put(self, item):
+            raise Stop
+
+    monkeypatch.setattr(data, "CLICK_CROP_EXTENT", data.CLICK_CROP_EXTENT)  # restored after the test
+    monkeypatch.setattr(data, "load_sources", lambda cases: [])
+    monkeypatch.setattr(data, "batch", lambda *a: None)
+    with pytest.raises(Stop):
+        data._producer(OneBatch(), 0, {}, (32, 32), 1, [], (0.3, 6.0))
+    assert data.CLICK_CROP_EXTENT == (0.3, 6.0)
+
+    for bad in ((6.0, 0.3), (0.0, 4.0), (0.5, 50.0), (float("nan"), 4.0)):
+        with pytest.raises(InputError, match="--click-crop-extent"):
+            TrainSettings(out_dir=str(tmp_path), click_crop_extent=bad).check()
+
+
 def test_training_rounds_click_on_the_models_own_errors():
     torch = pytest.importorskip("torch")
     from napari_sam2unet.training.train import click_rounds

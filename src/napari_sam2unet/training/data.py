@@ -42,7 +42,7 @@ PAST_END_SHARE = 0.3
 # 800 more steps at (0.3, 6) from the bundled weights raised one click per slice on validation
 # from 0.588 to 0.600 (left atrium 0.32 -> 0.58, hippocampus down 0.01-0.03), the other protocols
 # within 0.006; 800 steps beyond that lost propagation (docs/performance.md, 2026-12-04). For a
-# from-scratch run.
+# from-scratch run: `sam2unet train --click-crop-extent 0.3 6`.
 CLICK_CROP_EXTENT = (0.7, 4.0)
 
 
@@ -278,9 +278,12 @@ def batch(rng, sources, spec, size, n):
     return np.stack(xs).astype(np.float32), np.stack(ys)[:, None].astype(np.float32)
 
 
-def _producer(queue, seed, spec_dict, size, batch_size, cases):
+def _producer(queue, seed, spec_dict, size, batch_size, cases, click_crop_extent=CLICK_CROP_EXTENT):
     import os
 
+    global CLICK_CROP_EXTENT
+    # Each worker is a process of its own: it takes the run's extent (--click-crop-extent).
+    CLICK_CROP_EXTENT = tuple(click_crop_extent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rng = np.random.default_rng(seed)
     sources = load_sources(cases)
@@ -297,7 +300,7 @@ class CropStream:
     (one makes ~85 crops/s at 192 px on one core)."""
 
     def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[TrainingCase], depth=6,
-                 workers: int = 1):
+                 workers: int = 1, click_crop_extent=CLICK_CROP_EXTENT):
         ctx = mp.get_context("spawn")
         spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
         self.queues, self.procs, self.turn = [], [], 0
@@ -306,7 +309,8 @@ class CropStream:
             # Worker i > 0 gets a stream of its own: (seed, i) seeds an independent generator.
             worker_seed = seed if index == 0 else [seed, index]
             proc = ctx.Process(target=_producer, daemon=True,
-                               args=(queue, worker_seed, spec_dict, tuple(size), batch_size, list(cases)))
+                               args=(queue, worker_seed, spec_dict, tuple(size), batch_size, list(cases),
+                                     click_crop_extent))
             proc.start()
             self.queues.append(queue)
             self.procs.append(proc)

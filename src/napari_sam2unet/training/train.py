@@ -120,6 +120,8 @@ def train(settings: TrainSettings) -> Path:
 def _device(torch, settings):
     """The device to train on; torch's threads and both seeds set."""
     device = torch.device("cuda" if torch.cuda.is_available() and not settings.cpu else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products: convolutions already use it
     if device.type == "cpu" and settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -210,7 +212,8 @@ class _Crops:
             self.close()
             # The data stream is seeded by (seed, step): a resumed run is reproducible too.
             self.stream = CropStream(self.settings.seed * 100003 + step, self.spec, (phase[0],) * 2, phase[1],
-                                     self.cases, workers=self.settings.workers)
+                                     self.cases, workers=self.settings.workers,
+                                     click_crop_extent=tuple(self.settings.click_crop_extent))
             self.phase = phase
         return (phase[0], *self.stream.get())
 

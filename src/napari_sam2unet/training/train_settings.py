@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..models import CHANNEL_MODES, CROP_MODES, INPUT_SIZE, MARGIN, InputSpec
+from .data import CLICK_CROP_EXTENT
 from .datasets import add_data_root_argument
 from .flags import add_flag
 
@@ -41,6 +42,7 @@ class TrainSettings:
     init: str | None = None
     click_rounds: int = 2
     click_share: float = 0.5
+    click_crop_extent: tuple[float, float] = CLICK_CROP_EXTENT
     crop: str = "box_aspect"
     margin: float = MARGIN
     seed: int = 0
@@ -80,6 +82,10 @@ class TrainSettings:
                 raise InputError(f"{option} {value} must be a finite number, 0 or above")
         for option, value in (("--ema", self.ema), ("--click-share", self.click_share)):
             o.check_share(option, value)
+        low, high = self.click_crop_extent
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high <= 20):
+            raise InputError(f"--click-crop-extent {low} {high}: give two sizes relative to the structure, "
+                             "0 < LOW < HIGH <= 20 (e.g. 0.7 4)")
         if not (math.isfinite(self.margin) and 0 <= self.margin <= 10):
             raise InputError(f"--margin {self.margin} is a share of the box's side: use 0 to 10")
         out_dir = Path(self.out_dir)
@@ -128,6 +134,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          "same config (its stem's views are summed into channel 0 when the channels change)")
     flag("click_rounds", help="prompted models: up to this many rounds of clicks on the model's own errors per batch")
     flag("click_share", help="prompted models: share of batches that get those rounds")
+    flag("click_crop_extent", nargs=2, type=float, metavar=("LOW", "HIGH"),
+         help="prompted models: a click's training crop spans LOW-HIGH times the structure (log-uniform)")
     flag("crop", choices=CROP_MODES)
     for name in ("margin", "seed", "val_crops", "val_every", "log_every"):
         flag(name)
