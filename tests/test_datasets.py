@@ -1,6 +1,7 @@
 """Training data from the layouts users have: case folders, MSD / nnU-Net datasets, manifests."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,10 +109,13 @@ def test_a_crop_stream_with_several_workers_is_reproducible_and_extends_the_one_
 
     def draw(workers, n):
         stream = CropStream(7, spec, (32, 32), 2, cases, workers=workers)
+        shared = stream.shared  # several workers load the scans this process read once
+        assert (shared is not None) == (workers > 1)
         try:
             return [stream.get(timeout=120)[0] for _ in range(n)]
         finally:
             stream.close()
+            assert shared is None or not os.path.exists(shared)  # the copy goes with the stream
 
     one = draw(1, 2)
     two, again = draw(2, 4), draw(2, 4)

@@ -42,11 +42,21 @@ def deepest_error(missed: np.ndarray, leaked: np.ndarray) -> tuple[float, float,
     for error, positive in ((missed, True), (leaked, False)):
         if not error.any():
             continue
-        depth = ndimage.distance_transform_edt(np.pad(error, 1))[1:-1, 1:-1]
+        depth, (r0, c0) = _depth_in_bbox(error)
         r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
         if best is None or depth[r, c] > best[0]:
-            best = (float(depth[r, c]), float(r), float(c), positive)
+            best = (float(depth[r, c]), float(r + r0), float(c + c0), positive)
     return None if best is None else (best[1], best[2], best[3])
+
+
+def _depth_in_bbox(region: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Distance to the region's edge over its bounding box, and the box's corner. The same
+    numbers as over the whole crop (a ring of background around the box is nearer than anything
+    beyond it), at a fraction of the cost: training clicks on every crop of a batch."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    r0, c0 = rows[0], cols[0]
+    box = region[r0 : rows[-1] + 1, c0 : cols[-1] + 1]
+    return ndimage.distance_transform_edt(np.pad(box, 1))[1:-1, 1:-1], (int(r0), int(c0))
 
 
 def interior_click(rng, mask: np.ndarray) -> tuple[float, float]:

@@ -99,15 +99,19 @@ class Ema:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
-            for e, p in zip(self.model.parameters(), model.parameters()):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
             # BatchNorm statistics are averaged too: the live model's statistics belong to the
             # live weights, and with averaged weights they broke validation now and then.
+            averaged, live = [], []
             for e, b in zip(self.model.buffers(), model.buffers()):
                 if e.dtype.is_floating_point:
-                    e.mul_(d).add_(b.detach(), alpha=1 - d)
+                    averaged.append(e)
+                    live.append(b.detach())
                 else:
                     e.copy_(b)
+            averaged += list(self.model.parameters())
+            live += [p.detach() for p in model.parameters()]
+            # One call for all tensors: a GPU step spent a third of its time on one call per tensor.
+            torch._foreach_lerp_(averaged, live, 1 - d)
 
 
 def dice_scores(model, xs, ys, device, batch=8) -> float:
