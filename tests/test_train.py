@@ -89,6 +89,19 @@ def test_short_run_resumes_and_exports_a_model_the_engine_runs(real_data, tmp_pa
     assert logits.shape == (1, 1, 352, 352) and np.isfinite(logits).all()
 
 
+def test_a_prompted_run_exports_a_card_that_propagates_and_clicks_as_trained(real_data, tmp_path):
+    onnx_path = tmp_path / "prompted.onnx"
+    assert main(["train", "--config", "compact_s", *_small_data(real_data), "--out-dir", str(tmp_path / "run"),
+                 "--channels", "prompted", "--click-crop-extent", "0.3", "6", "--size", "64", "--batch", "2",
+                 "--val-crops", "4", "--val-every", "2", "--warmup", "1", "--threads", "2", "--steps", "2",
+                 "--export", str(onnx_path)]) == 0
+    card = find_model(onnx_path)
+    assert card.input.channels == "prompted"
+    assert card.propagation_prior == 0.25  # the engine draws the neighbour's mask as the bundled model's card says
+    assert "0.3-6x its extent" in card.raw["training"]["simulated_users"]
+    assert "--click-crop-extent 0.3 6" in card.raw["training"]["command"]
+
+
 def test_missing_training_data_is_named(tmp_path, capsys):
     args = ["train", "--data", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "r"), "--steps", "1"]
     assert main(args) == 2

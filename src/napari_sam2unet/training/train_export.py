@@ -29,11 +29,16 @@ def weights_licence(train_cases) -> str:
     return "not for redistribution: trained on data under " + "; ".join(blocked)
 
 
+# A prompted model is handed the neighbouring slice's mask at this weight when propagating: at
+# 1.0 it copied the prior past the structure's end; 0.25 was chosen on validation (2026-12-03,
+# docs/performance.md). The card says it, so an exported model propagates as the bundled one.
+PROPAGATION_PRIOR = 0.25
+
 # What a prompted card says its input channels hold (prompt_maps.py draws them).
 PROMPT_CARD = {
     "channel_0": "the intensity window (CT preset or MR percentiles), the crop resized to the input",
     "channel_1": "prior mask, 0..1, in the crop's frame: the neighbouring slice's mask when propagating or "
-                 "interpolating, the current mask when correcting; 0 for a box alone",
+                 "interpolating (drawn at propagation_prior), the current mask when correcting; 0 for a box alone",
     "channel_2": "clicks: 0.5 where there is none, a Gaussian (sigma 0.02 of the input side) up to 1 at a "
                  "positive click and down to 0 at a negative one",
     "normalisation": "each channel like an image channel: x * scale (0..255 -> 0..1), minus mean, over std",
@@ -46,11 +51,12 @@ def simulated_users(settings: TrainSettings) -> str:
     from .data import PAST_END_SHARE, PROMPT_MODE_SHARES, PROMPT_MODES
 
     shares = ", ".join(f"{mode} {share:.0%}" for mode, share in zip(PROMPT_MODES, PROMPT_MODE_SHARES))
+    low, high = settings.click_crop_extent
     return (f"crops by prompt: {shares}. box: a jittered box alone; propagate: the box of a slice 1-3 away and "
             f"its mask (shifted, grown or shrunk) as the prior, {PAST_END_SHARE:.0%} of them past the structure's "
             "end (the target empty); correct: a flawed prior (eroded, dilated, cut, leaking, smoothed) and 0-3 "
-            "clicks on its errors; clicks: 1-3 positive and 0-2 negative clicks near the structure in a loose "
-            f"crop. Then {settings.click_share:.0%} of batches get 1-{settings.click_rounds} rounds of a click on the "
+            "clicks on its errors; clicks: 1-3 positive and 0-2 negative clicks near the structure in a crop "
+            f"{low:g}-{high:g}x its extent. Then {settings.click_share:.0%} of batches get 1-{settings.click_rounds} rounds of a click on the "
             "model's own largest error with its mask as the prior, as users correct")
 
 
@@ -67,7 +73,7 @@ def card_extra(settings: TrainSettings, best_state, trained_steps: int | None = 
         "task": ("class-agnostic segmentation of one structure on an MRI or CT slice, steered by a box, clicks "
                  "and a prior mask in its input channels" if settings.channels == PROMPTED else
                  "class-agnostic box-steered segmentation of one structure per box on an MRI or CT slice"),
-        **({"prompts": PROMPT_CARD} if settings.channels == PROMPTED else {}),
+        **({"propagation_prior": PROPAGATION_PRIOR, "prompts": PROMPT_CARD} if settings.channels == PROMPTED else {}),
         "training": {
             "command": settings.command_line,
             "seed": settings.seed,
