@@ -56,8 +56,9 @@ def simulated_users(settings: TrainSettings) -> str:
             f"its mask (shifted, grown or shrunk) as the prior, {PAST_END_SHARE:.0%} of them past the structure's "
             "end (the target empty); correct: a flawed prior (eroded, dilated, cut, leaking, smoothed) and 0-3 "
             "clicks on its errors; clicks: 1-3 positive and 0-2 negative clicks near the structure in a crop "
-            f"{low:g}-{high:g}x its extent. Then {settings.click_share:.0%} of batches get 1-{settings.click_rounds} rounds of a click on the "
-            "model's own largest error with its mask as the prior, as users correct")
+            f"{low:g}-{high:g}x its extent. Then {settings.click_share:.0%} of batches get "
+            f"1-{settings.click_rounds} rounds of a click on the model's own largest error with its mask as the "
+            "prior, as users correct")
 
 
 def card_extra(settings: TrainSettings, best_state, trained_steps: int | None = None) -> dict:
