@@ -104,6 +104,45 @@ def test_a_click_alone_segments_the_object_under_it(engine):
     assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
 
 
+def test_a_click_mask_averages_the_chosen_crop_with_the_sizes_beside_it():
+    from napari_sam2unet.clicks import fused_mask
+    from napari_sam2unet.slice_tasks import SliceTask
+
+    # The structure is rows and columns 10-29. The small crop (rows 5-14) sees only its top and
+    # leaks above it (rows 5-9); the large crop sees it whole.
+    small = SliceTask(0, Crop(5.0, 15.0, 15.0, 25.0), (5.0, 15.0, 15.0, 25.0), fused=True)
+    large = SliceTask(0, Crop(0.0, 0.0, 40.0, 40.0), (0.0, 0.0, 40.0, 40.0), fused=True)
+    seen = {small: np.zeros((40, 40), np.float32), large: np.zeros((40, 40), np.float32)}
+    seen[small][5:15, 15:25] = 0.9
+    seen[large][10:30, 10:30] = 0.8
+    mask = fused_mask([small, large], seen.__getitem__, 0.5, [(20.0, 20.0)], [])
+    expected = np.zeros((40, 40), bool)
+    expected[10:30, 10:30] = True  # where only the large crop looks, it decides; the leak is outvoted
+    assert (mask == expected).all()
+
+
+def test_a_click_alone_starts_its_second_look_from_the_averaged_crops(engine, brightness_card):
+    from napari_sam2unet.slice_tasks import Prior
+
+    points = [Point(6, 24.5, 20.5)]
+    candidates = engine.click_tasks(6, points)
+    engine.run_tasks(candidates)
+    first = engine.slice_result(6, candidates, Prompts(points=points), 0.5)
+    assert len(first.tasks) > 1 and all(t.fused for t in first.tasks)
+    assert first.tasks[0].crop.r1 - first.tasks[0].crop.r0 < first.tasks[-1].crop.r1 - first.tasks[-1].crop.r0
+    calls = engine.backend.slices_seen
+    assert (engine.postprocess(6, first.tasks, Prompts(points=points), 0.5) == first.mask).all()
+    assert engine.backend.slices_seen == calls  # re-thresholding the average needs no model call
+    result = engine.segment(Prompts(points=points))
+    assert result.slices[6].tasks[0].prior.digest == Prior.of(first.mask).digest
+    # A model that does not see prompts keeps its one chosen crop, as before.
+    plain = sphere_engine(brightness_card)
+    candidates = plain.click_tasks(6, points)
+    plain.run_tasks(candidates)
+    kept = plain.slice_result(6, candidates, Prompts(points=points), 0.5).tasks
+    assert len(kept) == 1 and not kept[0].fused
+
+
 def test_propagation_gives_each_slice_its_neighbours_mask_and_stops_at_the_end(engine):
     result = engine.segment(Prompts([Box(6, 12, 8, 37, 33)]), scope="propagate")
     assert set(result.slices) <= set(np.flatnonzero(engine.truth.any((0, 1))))

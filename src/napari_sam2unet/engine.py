@@ -21,10 +21,13 @@ from . import propagation
 from .backends.base import Backend
 from .clicks import (
     CLICK_CHOICE,
+    CLICK_FUSE_REACH,
     CLICK_SIDES_MM,
     choose_crop,
     click_boxes,
     correction_box,
+    fused_crops,
+    fused_mask,
     keeps_box,
     model_clicks,
     point_pixels,
@@ -85,6 +88,8 @@ class Engine:
         self.chain_between = propagation.CHAIN_BETWEEN
         self.click_sides_mm = CLICK_SIDES_MM
         self.click_choice = CLICK_CHOICE
+        # Measured for prompted models only; other models keep the chosen crop's mask.
+        self.click_fuse_reach = CLICK_FUSE_REACH if self.prompted else 0
 
     # --- the volume -------------------------------------------------------------------------
 
@@ -238,6 +243,8 @@ class Engine:
         positive, negative = point_pixels(prompts.points_on(k), self.prompted)
         if tasks and tasks[0].choose:
             return choose_crop(tasks, self.probability, threshold, positive, negative, self.click_choice)[1]
+        if tasks and tasks[0].fused:
+            return fused_mask(tasks, self.probability, threshold, positive, negative)
         mask = np.zeros(self.slice_shape, dtype=bool)
         for task in tasks:
             if task.prior is not None or (self.prompted and task.clicks):
@@ -255,6 +262,12 @@ class Engine:
         if tasks and tasks[0].choose:
             positive, negative = point_pixels(prompts.points_on(k), self.prompted)
             task, mask = choose_crop(tasks, self.probability, threshold, positive, negative, self.click_choice)
+            if self.click_fuse_reach and mask.any():
+                fused = [replace(t, choose=False, keep_clicked=True, fused=True)
+                         for t in fused_crops(tasks, task, self.click_fuse_reach)]
+                averaged = fused_mask(fused, self.probability, threshold, positive, negative)
+                if averaged.any():  # else the chosen crop's mask stands
+                    return SliceResult(fused, averaged)
             return SliceResult([replace(task, choose=False, keep_clicked=self.prompted)], mask)
         return SliceResult(tasks, self.postprocess(k, tasks, prompts, threshold))
 

@@ -45,6 +45,8 @@ class SliceTask:
     clicks: tuple[tuple[float, float, bool], ...] = ()
     # A mask from clicks alone keeps only the regions under its positive clicks.
     keep_clicked: bool = False
+    # One of the crops around a click whose probabilities the slice's mask averages.
+    fused: bool = False
 
 
 @dataclass
