@@ -20,9 +20,11 @@ class CountingBackend(OnnxBackend):
     def __init__(self, card):
         super().__init__(card, threads=1)
         self.slices_seen = 0
+        self.calls = 0
 
     def predict(self, batch):
         self.slices_seen += batch.shape[0]
+        self.calls += 1
         return super().predict(batch)
 
 

@@ -53,13 +53,27 @@ def test_a_positive_click_adds_where_it_is_and_nowhere_else(engine):
     before = result.slices[6].mask.copy()
     assert before[24, 20] and not before[24, 30]
     click = Point(6, 24.5, 30.5)
-    calls = engine.backend.slices_seen
+    calls = engine.backend.calls
     engine.correct(result, 6, Prompts([box], [click]))
     after = result.slices[6].mask
-    assert engine.backend.slices_seen == calls + 1  # one model call per correction
+    assert engine.backend.calls == calls + 1  # one model call per correction (both looks in one batch)
     assert after[24, 30]
     changed = np.argwhere(after != before)
     assert len(changed) and np.all(np.hypot(changed[:, 0] - 24, changed[:, 1] - 30) <= 3)
+
+
+def test_a_boxed_slice_is_seen_in_the_cards_crop_and_a_wider_one_in_one_model_call(engine, brightness_card):
+    box = Box(6, 12, 8, 37, 33)
+    calls, seen = engine.backend.calls, engine.backend.slices_seen
+    result = engine.segment(Prompts([box]))
+    assert (engine.backend.calls, engine.backend.slices_seen) == (calls + 1, seen + 2)
+    card_crop, wider = (look.crop for look in engine.looks(result.slices[6].tasks[0]))
+    assert wider.r0 < card_crop.r0 and wider.c0 < card_crop.c0 and wider.r1 > card_crop.r1 and wider.c1 > card_crop.c1
+    mask, truth = result.slices[6].mask, engine.truth[:, :, 6]
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+    plain = sphere_engine(brightness_card)
+    task = plain.segment(Prompts([box])).slices[6].tasks[0]
+    assert plain.looks(task) == [task]  # a model that does not see prompts: one look, as before
 
 
 def test_a_negative_click_trims_where_it_is(engine):
