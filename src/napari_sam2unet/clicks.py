@@ -8,6 +8,7 @@ mask and the clicks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -113,10 +114,20 @@ def choose_crop(tasks: list[SliceTask], probability: Callable[[SliceTask], np.nd
     return best_task, best
 
 
-def fused_crops(tasks: list[SliceTask], chosen: SliceTask, reach: int) -> list[SliceTask]:
-    """The chosen candidate crop and `reach` crop sizes on each side of it (tasks smallest first)."""
-    at = tasks.index(chosen)
-    return tasks[max(0, at - reach):at + reach + 1]
+def kept_crops(tasks: list[SliceTask], chosen: SliceTask, mask: np.ndarray, probability, threshold: float,
+               positive: list[Pixel], negative: list[Pixel], reach: int,
+               keep_clicked: bool) -> tuple[list[SliceTask], np.ndarray]:
+    """What a click's slice keeps of its candidate crops (tasks smallest first) and its mask: the
+    chosen crop and `reach` sizes on each side of it, averaged (fused_mask), when that finds
+    anything; else the chosen crop alone."""
+    if reach and mask.any():
+        at = tasks.index(chosen)
+        around = tasks[max(0, at - reach):at + reach + 1]
+        fused = [replace(t, choose=False, keep_clicked=True, fused=True) for t in around]
+        averaged = fused_mask(fused, probability, threshold, positive, negative)
+        if averaged.any():
+            return fused, averaged
+    return [replace(chosen, choose=False, keep_clicked=keep_clicked)], mask
 
 
 def fused_mask(tasks: list[SliceTask], probability: Callable[[SliceTask], np.ndarray], threshold: float,

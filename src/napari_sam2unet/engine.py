@@ -26,14 +26,15 @@ from .clicks import (
     choose_crop,
     click_boxes,
     correction_box,
-    fused_crops,
     fused_mask,
     keeps_box,
+    kept_crops,
     model_clicks,
     point_pixels,
     single_box,
 )
 from .errors import Cancelled, InputError
+from .looks import BOX_CONTEXT_MARGIN, box_looks
 from .planning import SCOPES as SCOPES
 from .planning import plan, resolve_scope, walk
 from .postprocess import select_regions
@@ -49,7 +50,7 @@ from .preprocess import (
 )
 from .probabilities import MAX_PREPARED as MAX_PREPARED
 from .probabilities import ProbabilityCache
-from .prompt_maps import click_map, is_prompted, prior_in_crop, to_crop_coords, write_prompts
+from .prompt_maps import draw_task_prompts, is_prompted
 from .prompts import Box, Prompts
 from .propagation import PROPAGATE_GROWTH as PROPAGATE_GROWTH
 from .propagation import PROPAGATE_MIN_OVERLAP as PROPAGATE_MIN_OVERLAP
@@ -64,14 +65,6 @@ DEFAULT_BATCH = 4
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
-
-# A prompted model also sees each boxed slice (a box drawn, propagated or corrected in its box) in
-# a wider crop, this margin around the box instead of the card's, and the slice's probability is
-# the mean of the two looks: more of the surroundings tells the structure from its neighbours.
-# Chosen on 81 validation structures (docs/performance.md): tight boxes / propagated / box + 3
-# corrective rounds 0.660 / 0.539 / 0.748 with the card's crop alone; a second look at margin 0.3
-# 0.670 / 0.547 / 0.756; at 0.4 0.675 / 0.539 / 0.758; at 0.6 0.677 / 0.511 (propagation drifts).
-BOX_CONTEXT_MARGIN = 0.3
 
 
 class Engine:
@@ -207,13 +200,8 @@ class Engine:
         return self._probabilities.run_groups(groups, self._cache_key, self._model_input, self.flip_average)
 
     def looks(self, task: SliceTask) -> list[SliceTask]:
-        """The crops a task's probability averages: its own and, for a prompted model's boxed
-        slice, the same box with BOX_CONTEXT_MARGIN around it (the same prompts in both)."""
-        if self.context_margin is None or task.clip is None or task.choose or task.fused:
-            return [task]
-        spec = self.card.input
-        wider = crop_for_box(task.clip, self.slice_spacing, spec.crop, self.context_margin)
-        return [task] if wider.key() == task.crop.key() else [task, replace(task, crop=wider)]
+        """The crops a task's probability averages (looks.box_looks)."""
+        return box_looks(task, self.slice_spacing, self.card.input, self.context_margin)
 
     def probability(self, task: SliceTask) -> np.ndarray:
         """The model's probability for a task, in the slice's frame (zero outside the crop)."""
@@ -228,13 +216,7 @@ class Engine:
     def _model_input(self, task: SliceTask, out: np.ndarray | None = None) -> np.ndarray:
         raw = sample_crop(self.slice_image(task.slice), task.crop, self.size)
         x = to_model_input(raw, self.views, self.card.input, out)
-        if self.prompted:
-            prior = prior_in_crop(task.prior.mask if task.prior else None, task.crop, self.size)
-            if task.prior:
-                prior *= np.float32(task.prior.weight)  # a propagated prior at the card's propagation_prior
-            clicks = [(*to_crop_coords(i, j, task.crop, self.size), positive) for i, j, positive in task.clicks]
-            write_prompts(x, prior, click_map(clicks, self.size), self.card.input)
-        return x
+        return draw_task_prompts(x, task, self.card.input, self.size) if self.prompted else x
 
     @property
     def cache_entries(self) -> int:
@@ -268,14 +250,7 @@ class Engine:
             return fused_mask(tasks, self.probability, threshold, positive, negative)
         mask = np.zeros(self.slice_shape, dtype=bool)
         for task in tasks:
-            if task.prior is not None or (self.prompted and task.clicks):
-                # The model saw the clicks: its mask is the answer. Only a mask from clicks alone
-                # keeps to the regions under its positive clicks (a stray blob is not the object).
-                keep = [(i, j) for i, j, sign in task.clicks if sign] if task.keep_clicked else []
-                opened = [(i, j) for i, j, sign in task.clicks if not sign]  # holes the user asked for
-                mask |= select_regions(self.probability(task), threshold, task.clip, keep, [], open_at=opened)
-            else:
-                mask |= select_regions(self.probability(task), threshold, task.clip, positive, negative)
+            mask |= _task_mask(task, self.probability(task), threshold, self.prompted, positive, negative)
         return mask
 
     def slice_result(self, k: int, tasks: list[SliceTask], prompts: Prompts, threshold: float) -> SliceResult:
@@ -283,13 +258,8 @@ class Engine:
         if tasks and tasks[0].choose:
             positive, negative = point_pixels(prompts.points_on(k), self.prompted)
             task, mask = choose_crop(tasks, self.probability, threshold, positive, negative, self.click_choice)
-            if self.click_fuse_reach and mask.any():
-                fused = [replace(t, choose=False, keep_clicked=True, fused=True)
-                         for t in fused_crops(tasks, task, self.click_fuse_reach)]
-                averaged = fused_mask(fused, self.probability, threshold, positive, negative)
-                if averaged.any():  # else the chosen crop's mask stands
-                    return SliceResult(fused, averaged)
-            return SliceResult([replace(task, choose=False, keep_clicked=self.prompted)], mask)
+            return SliceResult(*kept_crops(tasks, task, mask, self.probability, threshold, positive, negative,
+                                           self.click_fuse_reach, self.prompted))
         return SliceResult(tasks, self.postprocess(k, tasks, prompts, threshold))
 
     # --- segmenting --------------------------------------------------------------------------
@@ -393,6 +363,18 @@ class Engine:
     def _require_volume(self) -> None:
         if self._data is None:
             raise InputError("no volume set: call set_volume() first")
+
+
+def _task_mask(task: SliceTask, probability: np.ndarray, threshold: float, prompted: bool,
+               positive: list, negative: list) -> np.ndarray:
+    """One task's mask in the slice's frame, from its probability."""
+    if task.prior is not None or (prompted and task.clicks):
+        # The model saw the clicks: its mask is the answer. Only a mask from clicks alone
+        # keeps to the regions under its positive clicks (a stray blob is not the object).
+        keep = [(i, j) for i, j, sign in task.clicks if sign] if task.keep_clicked else []
+        opened = [(i, j) for i, j, sign in task.clicks if not sign]  # holes the user asked for
+        return select_regions(probability, threshold, task.clip, keep, [], open_at=opened)
+    return select_regions(probability, threshold, task.clip, positive, negative)
 
 
 def _checked_volume(data, spacing, axis: int, replace_nonfinite: bool) -> tuple[np.ndarray, int]:

@@ -70,3 +70,12 @@ def read_clicks(x: np.ndarray, spec: InputSpec) -> np.ndarray:
     """The signed click map back from normalised input(s) (..., 3, S, S) -> (..., S, S)."""
     values = x[..., CLICK_CHANNEL, :, :] * spec.std[CLICK_CHANNEL] + spec.mean[CLICK_CHANNEL]
     return (values - 0.5) * 2.0
+
+
+def draw_task_prompts(x: np.ndarray, task, spec: InputSpec, size: tuple[int, int]) -> np.ndarray:
+    """A slice task's prior (at its weight) and clicks drawn into its model input x, in its crop."""
+    prior = prior_in_crop(task.prior.mask if task.prior else None, task.crop, size)
+    if task.prior:
+        prior *= np.float32(task.prior.weight)  # a propagated prior at the card's propagation_prior
+    clicks = [(*to_crop_coords(i, j, task.crop, size), positive) for i, j, positive in task.clicks]
+    return write_prompts(x, prior, click_map(clicks, size), spec)
