@@ -241,6 +241,37 @@ def test_training_paints_rings_whose_core_is_not_the_target_and_flaws_them_fille
     assert not positive and ring[int(r), int(c)] == 0 and filled[int(r), int(c)]
 
 
+def test_wrong_object_training_priors_sit_on_a_neighbouring_structure_with_clicks_that_say_so():
+    """--wrong-object-share: a prior on the structure beside the target (the blood pool for the
+    myocardium), a negative click in it or a positive one in the target; a ring's hole alike."""
+    from napari_sam2unet.training import data
+
+    labels = np.zeros((80, 80), np.int32)
+    labels[10:40, 10:70] = 3  # the target
+    labels[40:70, 10:70] = 5  # touching it
+    labels[74:78, 74:78] = 7  # far from it
+    rng = np.random.default_rng(0)
+    beside = [data.structure_beside(rng, labels, 3) for _ in range(10)]
+    assert all(np.array_equal(b, labels == 5) for b in beside)
+    assert data.structure_beside(rng, labels, 7) is None  # nothing near
+
+    target = labels == 3
+    for seed in range(20):
+        prior, clicks = data.wrong_object_prior(np.random.default_rng(seed), target, labels == 5)
+        assert prior[labels == 5].all() and not prior[target & ~ndimage.binary_erosion(target)].any()
+        assert 1 <= len(clicks) <= 3
+        r, c, positive = clicks[0]
+        assert (target if positive else labels == 5)[int(r), int(c)]
+
+    ring = np.zeros((60, 60), bool)
+    ring[10:50, 10:50] = True
+    ring[20:40, 20:40] = False
+    hole = ndimage.binary_fill_holes(ring) & ~ring
+    flawed = [prompt_sim.corrupt(np.random.default_rng(s), ring, hole_share=1.0) for s in range(40)]
+    assert sum(np.array_equal(f, hole) for f in flawed) >= 10
+    assert not any(np.array_equal(prompt_sim.corrupt(np.random.default_rng(s), ring), hole) for s in range(40))
+
+
 def test_training_crops_carry_prompts_drawn_like_the_engines(shared_data, monkeypatch):
     from napari_sam2unet.training import data
     from napari_sam2unet.training.datasets import default_manifest, find_cases
@@ -309,11 +340,12 @@ def test_the_click_crop_extent_flag_reaches_the_crop_workers_and_rejects_bad_siz
             raise Stop
 
     monkeypatch.setattr(data, "CLICK_CROP_EXTENT", data.CLICK_CROP_EXTENT)  # restored after the test
+    monkeypatch.setattr(data, "WRONG_OBJECT_SHARE", data.WRONG_OBJECT_SHARE)
     monkeypatch.setattr(data, "load_sources", lambda cases: [])
     monkeypatch.setattr(data, "batch", lambda *a: None)
     with pytest.raises(Stop):
-        data._producer(OneBatch(), 0, {}, (32, 32), 1, [], (0.3, 6.0))
-    assert data.CLICK_CROP_EXTENT == (0.3, 6.0)
+        data._producer(OneBatch(), 0, {}, (32, 32), 1, [], (0.3, 6.0), 0.6)
+    assert data.CLICK_CROP_EXTENT == (0.3, 6.0) and data.WRONG_OBJECT_SHARE == 0.6
 
     for bad in ((6.0, 0.3), (0.0, 4.0), (0.5, 50.0), (float("nan"), 4.0)):
         with pytest.raises(InputError, match="--click-crop-extent"):

@@ -47,6 +47,12 @@ PAST_END_SHARE = 0.3
 # within 0.006; 800 steps beyond that lost propagation (docs/performance.md, 2026-12-04). For a
 # from-scratch run: `sam2unet train --click-crop-extent 0.3 6`.
 CLICK_CROP_EXTENT = (0.7, 4.0)
+# Share of "correct" crops whose prior is another structure of the label map beside the target
+# (with part of the target or not) and whose clicks say so: a model that picked the wrong tissue
+# (the blood pool for the myocardium, a ventricle for the caudate) must follow a negative click
+# in it and a positive one in the target; a ring's flawed prior is then its hole as often.
+# 0 is the bundled recipe (docs/performance.md); `sam2unet train --wrong-object-share`.
+WRONG_OBJECT_SHARE = 0.0
 
 
 def jitter_box(rng, box, shape) -> tuple[float, float, float, float]:
@@ -75,10 +81,16 @@ def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None
     With rng the box is jittered as people draw it and the framing varies (margin, smallest
     crop), so the model does not learn one framing of its targets.
     """
-    if crop is not None:
-        raw = sample_crop(image2d, crop, size)
-        target = sample_crop(mask2d.astype(np.float32), crop, size, fill=0.0) > 0.5
-        return to_model_input(raw, views, spec), target
+    if crop is None:
+        crop = framed_crop(rng, mask2d, spacing2d, spec, box)
+    raw = sample_crop(image2d, crop, size)
+    target = sample_crop(mask2d.astype(np.float32), crop, size, fill=0.0) > 0.5
+    return to_model_input(raw, views, spec), target
+
+
+def framed_crop(rng, mask2d, spacing2d, spec: InputSpec, box=None) -> Crop:
+    """The crop of a box around mask2d (or the given box); with rng, jittered as people draw boxes
+    and framed with a random margin and smallest crop."""
     if box is None:
         (r0, r1), (c0, c1) = mask_bbox(mask2d)
         box = (r0, c0, r1, c1)
@@ -88,10 +100,7 @@ def make_crop(image2d, mask2d, spacing2d, views, spec: InputSpec, size, rng=None
     if rng is not None:
         margin = float(rng.uniform(*MARGIN_RANGE))
         min_pixels = int(rng.choice(MIN_CROP_CHOICES))
-    crop = crop_for_box(box, spacing2d, spec.crop, margin, min_pixels)
-    raw = sample_crop(image2d, crop, size)
-    target = sample_crop(mask2d.astype(np.float32), crop, size, fill=0.0) > 0.5
-    return to_model_input(raw, views, spec), target
+    return crop_for_box(box, spacing2d, spec.crop, margin, min_pixels)
 
 
 def _pick_structure(rng, src: Source) -> tuple[int, int, int]:
@@ -123,7 +132,11 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
     take = lambda a, at=k: np.ascontiguousarray(axis_plane(a, at, axis))  # noqa: E731
     spacing2d = tuple(s for i, s in enumerate(src.spacing) if i != axis)
     mask = take(src.layers[li].labels) == lid
+    # `neighbour` is a second mask carried through the augmentation: the neighbouring slice's
+    # (propagate), or a structure beside the target that a model took for it (correct).
     neighbour = None if neighbour_k is None else take(src.layers[li].labels, neighbour_k) == lid
+    if mode == "correct" and rng.random() < WRONG_OBJECT_SHARE:
+        neighbour = structure_beside(rng, take(src.layers[li].labels), lid)
     u = rng.random()
     kind = "real"
     if u < synth_share and src.synth_labels is not None:
@@ -147,7 +160,7 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
         if lesion is not None:
             img, mask, kind = img2, lesion, kind + "+lesion"
             # A painted lesion has no neighbouring slice: its own outline, moved, stands in.
-            neighbour = None if neighbour is None else prompt_sim.perturb(rng, lesion, 3.0, 3)
+            neighbour = None if neighbour is None or mode != "propagate" else prompt_sim.perturb(rng, lesion, 3.0, 3)
     if mask.sum() < 4 and not (mode == "propagate" and neighbour is not None and neighbour.sum() >= 4):
         return None
     # Flips and transposes, as slices come in any orientation.
@@ -224,10 +237,14 @@ def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size
             if where is not None:
                 clicks.append((*where, False))
     else:
-        x, y = make_crop(img, mask, spacing2d, views, spec, size, rng)
+        crop = framed_crop(rng, mask, spacing2d, spec)
+        x, y = make_crop(img, mask, spacing2d, views, spec, size, crop=crop)
         if y.sum() < 2:
             return None
-        if mode == "correct":
+        wrong = None if neighbour is None else sample_crop(neighbour.astype(np.float32), crop, size, fill=0.0) > 0.5
+        if mode == "correct" and wrong is not None and wrong.sum() >= 4:
+            prior_crop, clicks = wrong_object_prior(rng, y, wrong)
+        elif mode == "correct":
             prior_crop, clicks = flawed_prior(rng, y)
     if prior_crop is None:
         prior_crop = np.zeros(size, dtype=np.float32)
@@ -235,9 +252,27 @@ def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size
     return x, y, f"{kind}/{mode}"
 
 
+def structure_beside(rng, labels: np.ndarray, label: int) -> np.ndarray | None:
+    """Another structure of the label map that touches (or nearly touches) `label`, or None."""
+    near = ndimage.binary_dilation(labels == label, iterations=3)
+    ids = np.unique(labels[near])
+    ids = ids[(ids != label) & (ids != 0)]
+    return None if ids.size == 0 else labels == ids[rng.integers(ids.size)]
+
+
+def wrong_object_prior(rng, target: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarray, list]:
+    """A prior on the wrong structure (now and then with a part of the target) and 1-3 clicks on
+    its errors, deepest first: the negative one in the wrong structure, the positive in the target."""
+    prior = wrong & ~target
+    if rng.random() < 0.4:  # and the target's core
+        prior |= ndimage.binary_erosion(target, iterations=int(rng.integers(1, 4)))
+    count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+    return prior.astype(np.float32), prompt_sim.clicks_on_errors(prior, target, count)
+
+
 def flawed_prior(rng, target: np.ndarray) -> tuple[np.ndarray, list]:
     """A flawed mask of a crop's target and 0-3 clicks on its errors: a correction to make."""
-    prior = prompt_sim.corrupt(rng, target)
+    prior = prompt_sim.corrupt(rng, target, WRONG_OBJECT_SHARE)
     count = int(rng.choice(4, p=[0.15, 0.4, 0.25, 0.2]))
     return prior.astype(np.float32), prompt_sim.clicks_on_errors(prior, target, count)
 
@@ -281,10 +316,11 @@ def batch(rng, sources, spec, size, n):
     return np.stack(xs).astype(np.float32), np.stack(ys)[:, None].astype(np.float32)
 
 
-def _producer(queue, seed, spec_dict, size, batch_size, cases, click_crop_extent=CLICK_CROP_EXTENT):
-    global CLICK_CROP_EXTENT
-    # Each worker is a process of its own: it takes the run's extent (--click-crop-extent).
-    CLICK_CROP_EXTENT = tuple(click_crop_extent)
+def _producer(queue, seed, spec_dict, size, batch_size, cases, click_crop_extent=CLICK_CROP_EXTENT,
+              wrong_object_share=WRONG_OBJECT_SHARE):
+    global CLICK_CROP_EXTENT, WRONG_OBJECT_SHARE
+    # Each worker is a process of its own: it takes the run's recipe (--click-crop-extent, --wrong-object-share).
+    CLICK_CROP_EXTENT, WRONG_OBJECT_SHARE = tuple(click_crop_extent), float(wrong_object_share)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rng = np.random.default_rng(seed)
     if isinstance(cases, str):  # the parent's scans, read once (CropStream)
@@ -305,7 +341,7 @@ class CropStream:
     (one makes ~85 crops/s at 192 px on one core)."""
 
     def __init__(self, seed: int, spec: InputSpec, size, batch_size: int, cases: list[TrainingCase], depth=6,
-                 workers: int = 1, click_crop_extent=CLICK_CROP_EXTENT):
+                 workers: int = 1, click_crop_extent=CLICK_CROP_EXTENT, wrong_object_share=WRONG_OBJECT_SHARE):
         ctx = mp.get_context("spawn")
         spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
         self.queues, self.procs, self.turn = [], [], 0
@@ -324,7 +360,7 @@ class CropStream:
             worker_seed = seed if index == 0 else [seed, index]
             proc = ctx.Process(target=_producer, daemon=True,
                                args=(queue, worker_seed, spec_dict, tuple(size), batch_size, scans,
-                                     click_crop_extent))
+                                     click_crop_extent, wrong_object_share))
             proc.start()
             self.queues.append(queue)
             self.procs.append(proc)

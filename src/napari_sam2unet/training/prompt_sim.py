@@ -92,15 +92,19 @@ def perturb(rng, mask: np.ndarray, max_shift: float = 2.0, max_grow: int = 2) ->
     return out
 
 
-def corrupt(rng, target: np.ndarray) -> np.ndarray:
-    """An imperfect mask of the target in its crop: what a model or a first try leaves to correct."""
+def corrupt(rng, target: np.ndarray, hole_share: float = 0.0) -> np.ndarray:
+    """An imperfect mask of the target in its crop: what a model or a first try leaves to correct.
+    A ring's is its disc, or with `hole_share` what it encloses."""
     side = target.shape[0]
     u = rng.random()
     if not target.any():
         return target.copy()
     filled = ndimage.binary_fill_holes(target)
-    if (filled & ~target).sum() >= 4 and rng.random() < 0.5:
-        return filled  # a ring taken for a disc: its hole filled in, as a model without rings does
+    hole = filled & ~target
+    if hole.sum() >= 4 and rng.random() < 0.5:
+        # A ring taken for a disc (its hole filled in), or for what it encloses (the blood pool
+        # for the myocardium), as a model that has not learned rings draws them.
+        return hole if hole_share and rng.random() < hole_share else filled
     if u < 0.2:  # under-segmented
         radius = int(rng.integers(2, max(3, side // 12)))
         out = ndimage.binary_erosion(target, iterations=radius)

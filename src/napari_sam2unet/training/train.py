@@ -213,7 +213,8 @@ class _Crops:
             # The data stream is seeded by (seed, step): a resumed run is reproducible too.
             self.stream = CropStream(self.settings.seed * 100003 + step, self.spec, (phase[0],) * 2, phase[1],
                                      self.cases, workers=self.settings.workers,
-                                     click_crop_extent=tuple(self.settings.click_crop_extent))
+                                     click_crop_extent=tuple(self.settings.click_crop_extent),
+                                     wrong_object_share=self.settings.wrong_object_share)
             self.phase = phase
         return (phase[0], *self.stream.get())
 

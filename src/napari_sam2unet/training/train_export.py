@@ -46,6 +46,14 @@ PROMPT_CARD = {
 }
 
 
+def _wrong_objects(share: float) -> str:
+    if not share:
+        return ""
+    return (f"{share:.0%} of correct crops have the wrong structure as the prior (another structure of the "
+            "label map beside the target, now and then with the target's core) and 1-3 clicks on its errors, "
+            "and a ring's flawed prior is as often its hole. ")
+
+
 def simulated_users(settings: TrainSettings) -> str:
     """How a prompted model's training crops prompt it, for the card (data.py, click_rounds)."""
     from .data import PAST_END_SHARE, PROMPT_MODE_SHARES, PROMPT_MODES
@@ -56,7 +64,8 @@ def simulated_users(settings: TrainSettings) -> str:
             f"its mask (shifted, grown or shrunk) as the prior, {PAST_END_SHARE:.0%} of them past the structure's "
             "end (the target empty); correct: a flawed prior (eroded, dilated, cut, leaking, smoothed) and 0-3 "
             "clicks on its errors; clicks: 1-3 positive and 0-2 negative clicks near the structure in a crop "
-            f"{low:g}-{high:g}x its extent. Then {settings.click_share:.0%} of batches get "
+            f"{low:g}-{high:g}x its extent. {_wrong_objects(settings.wrong_object_share)}"
+            f"Then {settings.click_share:.0%} of batches get "
             f"1-{settings.click_rounds} rounds of a click on the model's own largest error with its mask as the "
             "prior, as users correct")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..models import CHANNEL_MODES, CROP_MODES, INPUT_SIZE, MARGIN, InputSpec
-from .data import CLICK_CROP_EXTENT
+from .data import CLICK_CROP_EXTENT, WRONG_OBJECT_SHARE
 from .datasets import add_data_root_argument
 from .flags import add_flag
 
@@ -43,6 +43,7 @@ class TrainSettings:
     click_rounds: int = 2
     click_share: float = 0.5
     click_crop_extent: tuple[float, float] = CLICK_CROP_EXTENT
+    wrong_object_share: float = WRONG_OBJECT_SHARE
     crop: str = "box_aspect"
     margin: float = MARGIN
     seed: int = 0
@@ -80,7 +81,8 @@ class TrainSettings:
                               ("--distill-weight", self.distill_weight)):
             if not (math.isfinite(value) and value >= 0):
                 raise InputError(f"{option} {value} must be a finite number, 0 or above")
-        for option, value in (("--ema", self.ema), ("--click-share", self.click_share)):
+        for option, value in (("--ema", self.ema), ("--click-share", self.click_share),
+                              ("--wrong-object-share", self.wrong_object_share)):
             o.check_share(option, value)
         low, high = self.click_crop_extent
         if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high <= 20):
@@ -136,6 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("click_share", help="prompted models: share of batches that get those rounds")
     flag("click_crop_extent", nargs=2, type=float, metavar=("LOW", "HIGH"),
          help="prompted models: a click's training crop spans LOW-HIGH times the structure (log-uniform)")
+    flag("wrong_object_share", help="prompted models: share of correction crops whose prior is the wrong "
+         "structure (one beside the target, a ring's hole) with clicks that say so")
     flag("crop", choices=CROP_MODES)
     for name in ("margin", "seed", "val_crops", "val_every", "log_every"):
         flag(name)
