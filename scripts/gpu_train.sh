@@ -17,7 +17,8 @@
 # parts, and unpack stores them as float32 again.
 # Environment: CONFIG (medium), CHANNELS (prompted: the model sees clicks and a prior, as the
 # bundled one does), BATCH (32), WORKERS (14), TRAIN_SECONDS (390), SEED (0), CLICK_EXTENT
-# ("0.3 6": --click-crop-extent), CALL_SECONDS (570: the command ends inside the call's limit).
+# ("0.3 6": --click-crop-extent), WRONG_OBJECT (0: --wrong-object-share), CALL_SECONDS (570: the
+# command ends inside the call's limit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-medium}
@@ -27,6 +28,7 @@ WORKERS=${WORKERS:-14}
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
 SEED=${SEED:-0}
 CLICK_EXTENT=${CLICK_EXTENT:-0.3 6}
+WRONG_OBJECT=${WRONG_OBJECT:-0}
 CALL_SECONDS=${CALL_SECONDS:-570}
 PROBE_STEPS=${PROBE_STEPS:-60}
 SMALL_VALIDATION="itksnap_mricrop msd_hippocampus_280 msd_hippocampus_290 msd_hippocampus_300
@@ -126,12 +128,13 @@ run() {
   export PYTHONPATH=$PWD/.gpu/site:$PWD/src SAM2UNET_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1
   mkdir -p "$logs"
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$logs/machine.txt"
-  echo "config $CONFIG, channels $CHANNELS, click crop extent $CLICK_EXTENT" >> "$logs/machine.txt"
+  echo "config $CONFIG, channels $CHANNELS, click crop extent $CLICK_EXTENT, wrong objects $WRONG_OBJECT" >> "$logs/machine.txt"
   echo "cores $(nproc)" >> "$logs/machine.txt"
   local extent
   read -r -a extent <<< "$CLICK_EXTENT"
   local train=(python3 -m napari_sam2unet.cli train --config "$CONFIG" --channels "$CHANNELS" --data .gpu/manifest.yaml
-    --batch "$BATCH" --workers "$WORKERS" --seed "$SEED" --val-crops 96 --click-crop-extent "${extent[@]}")
+    --batch "$BATCH" --workers "$WORKERS" --seed "$SEED" --val-crops 96 --click-crop-extent "${extent[@]}"
+    --wrong-object-share "$WRONG_OBJECT")
   # A short probe measures crops per second with this many workers; the run is sized to fit.
   "${train[@]}" --out-dir /tmp/probe --steps "$PROBE_STEPS" --warmup 10 --val-every 100000 --log-every 20 2>&1 \
     | tee "$logs/probe.log"
