@@ -350,6 +350,9 @@ def test_the_click_crop_extent_flag_reaches_the_crop_workers_and_rejects_bad_siz
     for bad in ((6.0, 0.3), (0.0, 4.0), (0.5, 50.0), (float("nan"), 4.0)):
         with pytest.raises(InputError, match="--click-crop-extent"):
             TrainSettings(out_dir=str(tmp_path), click_crop_extent=bad).check()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="--wrong-object-share"):
+            TrainSettings(out_dir=str(tmp_path), wrong_object_share=bad).check()
 
 
 def test_training_rounds_click_on_the_models_own_errors():

@@ -132,12 +132,13 @@ def sample(rng, sources: list[Source], spec: InputSpec, size, synth_share=0.4, l
     # The slice alone, C-ordered as np.take gave it (which copied the whole volume: 90% of a crop's time).
     take = lambda a, at=k: np.ascontiguousarray(axis_plane(a, at, axis))  # noqa: E731
     spacing2d = tuple(s for i, s in enumerate(src.spacing) if i != axis)
-    mask = take(src.layers[li].labels) == lid
+    labels = take(src.layers[li].labels)
+    mask = labels == lid
     # `neighbour` is a second mask carried through the augmentation: the neighbouring slice's
     # (propagate), or a structure beside the target that a model took for it (correct).
     neighbour = None if neighbour_k is None else take(src.layers[li].labels, neighbour_k) == lid
     if mode == "correct" and rng.random() < WRONG_OBJECT_SHARE:
-        neighbour = structure_beside(rng, take(src.layers[li].labels), lid)
+        neighbour = structure_beside(rng, labels, lid)
     u = rng.random()
     kind = "real"
     if u < synth_share and src.synth_labels is not None:
@@ -242,11 +243,12 @@ def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size
         x, y = make_crop(img, mask, spacing2d, views, spec, size, crop=crop)
         if y.sum() < 2:
             return None
-        wrong = None if neighbour is None else sample_crop(neighbour.astype(np.float32), crop, size, fill=0.0) > 0.5
-        if mode == "correct" and wrong is not None and wrong.sum() >= 4:
-            prior_crop, clicks = wrong_object_prior(rng, y, wrong)
-        elif mode == "correct":
-            prior_crop, clicks = flawed_prior(rng, y)
+        if mode == "correct":
+            wrong = None if neighbour is None else sample_crop(neighbour.astype(np.float32), crop, size, fill=0.0) > 0.5
+            if wrong is not None and wrong.sum() >= 4:
+                prior_crop, clicks = wrong_object_prior(rng, y, wrong)
+            else:
+                prior_crop, clicks = flawed_prior(rng, y)
     if prior_crop is None:
         prior_crop = np.zeros(size, dtype=np.float32)
     write_prompts(x, prior_crop, click_map(clicks, size), spec)
