@@ -594,3 +594,23 @@ def test_npu_calibration_draws_a_propagated_prior_at_the_cards_weight(tmp_path, 
     inputs = engine_inputs(OnnxBackend(load_card(path), threads=1), [Scan(image, labels)], 9)
     priors = np.round((inputs[:, 1] * SPEC.std[1] + SPEC.mean[1]).max((1, 2)), 2)
     assert sorted(priors) == [0.0] * 3 + [0.25] * 3 + [1.0] * 3  # box alone, propagated, corrected
+
+
+def test_a_negative_click_in_a_blood_pool_the_model_kept_takes_the_pool_out_and_keeps_the_wall():
+    from napari_sam2unet.honoured_clicks import honour_negative_clicks
+
+    rows, cols = np.mgrid[:80, :80]
+    radius = np.hypot(rows - 40, cols - 40)
+    image = np.where(radius < 12, 200.0, np.where(radius < 20, 60.0, 110.0))  # pool, wall, the rest
+    image += np.random.default_rng(0).normal(0, 5, image.shape)
+    prior = radius < 20  # the model drew the pool with the wall
+    kept = prior & ~(np.hypot(rows - 40, cols - 40) < 2)  # ... and opened only a speck at the click
+    crop = Crop(10.0, 10.0, 70.0, 70.0)
+    after = honour_negative_clicks(kept, prior, image, [(40.5, 40.5, False)], crop)
+    assert not after[radius < 10].any()  # the pool is out
+    assert after[(radius > 13) & (radius < 19)].all()  # the wall stays
+    assert not after[radius >= 20].any()  # nothing added
+    # A positive click, or a negative one the prior already follows, changes nothing.
+    assert np.array_equal(honour_negative_clicks(kept, prior, image, [(40.5, 40.5, True)], crop), kept)
+    assert np.array_equal(honour_negative_clicks(kept, prior, image, [(5.5, 5.5, False)], crop), kept)
+    assert kept[prior].sum() > 0 and kept is not after  # the model's mask itself is left as it was

@@ -34,6 +34,7 @@ from .clicks import (
     single_box,
 )
 from .errors import Cancelled, InputError
+from .honoured_clicks import honour_negative_clicks
 from .looks import BOX_CONTEXT_MARGIN, box_looks
 from .planning import SCOPES as SCOPES
 from .planning import plan, resolve_scope, walk
@@ -251,6 +252,10 @@ class Engine:
         mask = np.zeros(self.slice_shape, dtype=bool)
         for task in tasks:
             mask |= _task_mask(task, self.probability(task), threshold, self.prompted, positive, negative)
+        task = tasks[0] if len(tasks) == 1 else None
+        if self.prompted and task is not None and task.prior is not None and task.clicks:
+            # A correction: a negative click takes out the clicked tissue if the model kept it.
+            mask = honour_negative_clicks(mask, task.prior.mask, self.slice_image(k), task.clicks, task.crop)
         return mask
 
     def slice_result(self, k: int, tasks: list[SliceTask], prompts: Prompts, threshold: float) -> SliceResult:

@@ -1,0 +1,74 @@
+"""A negative click on a tissue the model keeps drawing takes that tissue out.
+
+A prompted model sometimes answers a negative click by opening only a speck around it and
+drawing what it believed before: the blood pool inside a myocardium's box, clicked in its middle
+three rounds running. Here a negative click on a pixel of the slice's previous mask (the prior the
+model was given) also takes out the region around it that looks like the clicked tissue: the
+connected pixels of its intensity class (Otsu's split of the prior's pixels), no farther from the
+click than REACH times its distance to the prior's edge.
+
+Both guards keep a click in the middle of a one-tissue object a hole, as before: the prior's
+intensities must split into two classes (Otsu's separability at least MIN_SEPARABILITY), and the
+clicked class's region must be at most MAX_SHARE of the prior (else the user trims the object).
+
+Chosen on 81 validation structures, box + 3 corrective rounds (docs/performance.md): 0.756
+without; 0.781 with no guards (the myocardium 0.09 -> 0.32), 0.766 with both (0.19), 0.770 with
+separability 0.66; the same for positive clicks lost (0.767 for both signs, unguarded: a missed
+region's class reaches into its neighbours); REACH 1.0 / 2.5 gave 0.780 / 0.775 unguarded.
+Test split (278 structures): 0.811 -> 0.825, the myocardium 0.323 -> 0.445, the rest unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+REACH = 1.5
+SMOOTHING = 1.0  # px: the Gaussian that keeps noise from splitting a tissue class
+MIN_SEPARABILITY = 0.7  # one Gaussian tissue scores 0.64
+MAX_SHARE = 0.7
+MIN_PIXELS = 16  # a prior smaller than this has no tissue classes to speak of
+
+
+def otsu_split(values: np.ndarray, bins: int = 128) -> tuple[float, float]:
+    """Otsu's cut of the values and its separability (between-class over total variance, 0..1:
+    0.64 for one Gaussian class, near 1 for two distinct tissues)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(hist)
+    above = below[-1] - below
+    sums = np.cumsum(hist * centres)
+    mean_below = sums / np.maximum(below, 1)
+    mean_above = (sums[-1] - sums) / np.maximum(above, 1)
+    between = below * above * (mean_below - mean_above) ** 2 / float(max(below[-1], 1)) ** 2
+    best = int(np.argmax(between[:-1]))
+    return float(centres[best]), float(between[best] / max(float(values.var()), 1e-12))
+
+
+def honour_negative_clicks(mask: np.ndarray, prior: np.ndarray, image: np.ndarray, clicks, crop) -> np.ndarray:
+    """The model's mask less, for each negative click on the prior, the clicked tissue's region
+    (module docstring). clicks: (row, col, positive) in slice coordinates; crop: what the model saw."""
+    r0, c0 = max(int(np.floor(crop.r0)), 0), max(int(np.floor(crop.c0)), 0)
+    r1, c1 = min(int(np.ceil(crop.r1)), mask.shape[0]), min(int(np.ceil(crop.c1)), mask.shape[1])
+    out = mask.copy()
+    window, before = out[r0:r1, c0:c1], prior[r0:r1, c0:c1]  # window is a view: edits land in out
+    if before.sum() < MIN_PIXELS:
+        return out
+    smooth = None
+    for i, j, positive in clicks:
+        r, c = int(i) - r0, int(j) - c0
+        if positive or not (0 <= r < window.shape[0] and 0 <= c < window.shape[1]) or not before[r, c]:
+            continue  # earlier clicks the prior already follows are done
+        if smooth is None:
+            smooth = ndimage.gaussian_filter(np.asarray(image[r0:r1, c0:c1], np.float32), SMOOTHING)
+        cut, separability = otsu_split(smooth[before])
+        if separability < MIN_SEPARABILITY:
+            continue  # one tissue, no edge to follow: the model's own hole stands
+        labels, _ = ndimage.label(before & ((smooth > cut) == (smooth[r, c] > cut)))
+        region = labels == labels[r, c]
+        if region.sum() > MAX_SHARE * before.sum():
+            continue  # the clicked tissue is the object itself: the user trims, not removes it
+        reach = REACH * ndimage.distance_transform_edt(before)[r, c]
+        rows, cols = np.ogrid[: window.shape[0], : window.shape[1]]
+        window[region & ((rows - r) ** 2 + (cols - c) ** 2 <= reach**2)] = False
+    return out
