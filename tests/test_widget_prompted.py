@@ -82,8 +82,8 @@ def test_corrections_undo_redo_and_threshold_edits_stay_in_the_cache(qtbot, boxe
     second = labels.data[:, :, K].copy()
     assert first[24, 30] and second[24, 30] and not second[24, 12]  # corrections build on each other
     calls = widget.engine.backend_calls
-    widget.threshold.value = 0.95
-    assert (labels.data[:, :, K] > 0).sum() < (second > 0).sum()
+    widget.threshold.value = 0.05  # lower: the click's own trim is the model's crisp part, so the mask grows elsewhere
+    assert (labels.data[:, :, K] > 0).sum() > (second > 0).sum()
     widget.threshold.value = 0.5
     qtbot.wait(400)  # the other slices' refresh after the drag settles
     np.testing.assert_array_equal(labels.data[:, :, K], second)

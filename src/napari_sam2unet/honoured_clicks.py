@@ -27,7 +27,7 @@ REACH = 1.5
 SMOOTHING = 1.0  # px: the Gaussian that keeps noise from splitting a tissue class
 MIN_SEPARABILITY = 0.7  # one Gaussian tissue scores 0.64
 MAX_SHARE = 0.7
-MIN_PIXELS = 16  # a prior smaller than this has no tissue classes to speak of
+MIN_PRIOR_PIXELS = 16  # a prior smaller than this has no tissue classes to speak of
 
 
 def otsu_split(values: np.ndarray, bins: int = 128) -> tuple[float, float]:
@@ -52,7 +52,7 @@ def honour_negative_clicks(mask: np.ndarray, prior: np.ndarray, image: np.ndarra
     r1, c1 = min(int(np.ceil(crop.r1)), mask.shape[0]), min(int(np.ceil(crop.c1)), mask.shape[1])
     out = mask.copy()
     window, before = out[r0:r1, c0:c1], prior[r0:r1, c0:c1]  # window is a view: edits land in out
-    if before.sum() < MIN_PIXELS:
+    if before.sum() < MIN_PRIOR_PIXELS:
         return out
     smooth = None
     for i, j, positive in clicks:
