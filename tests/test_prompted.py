@@ -614,3 +614,21 @@ def test_a_negative_click_in_a_blood_pool_the_model_kept_takes_the_pool_out_and_
     assert np.array_equal(honour_negative_clicks(kept, prior, image, [(40.5, 40.5, True)], crop), kept)
     assert np.array_equal(honour_negative_clicks(kept, prior, image, [(5.5, 5.5, False)], crop), kept)
     assert kept[prior].sum() > 0 and kept is not after  # the model's mask itself is left as it was
+
+
+def test_a_negative_click_in_a_uniform_object_whose_mask_has_a_rim_of_background_stays_a_hole():
+    """Every mask takes in some partial-volume pixels at its edge; they split the mask's
+    intensities in two, but they are no wall: the click's own hole is all that opens."""
+    from napari_sam2unet.honoured_clicks import honour_negative_clicks
+
+    rows, cols = np.mgrid[:80, :80]
+    radius = np.hypot(rows - 40, cols - 40)
+    image = np.where(radius < 15, 200.0, 40.0) + np.random.default_rng(1).normal(0, 5, (80, 80))
+    prior = radius < 17  # the object and a 2-px rim of background
+    kept = prior & ~(radius < 3)
+    crop = Crop(10.0, 10.0, 70.0, 70.0)
+    assert np.array_equal(honour_negative_clicks(kept, prior, image, [(40.5, 40.5, False)], crop), kept)
+    # The same object inside a real wall (8 px of the darker class) loses the clicked tissue.
+    walled = radius < 23
+    after = honour_negative_clicks(walled & ~(radius < 3), walled, image, [(40.5, 40.5, False)], crop)
+    assert not after[radius < 13].any() and after[(radius > 16) & (radius < 22)].all()
