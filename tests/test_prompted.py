@@ -610,6 +610,10 @@ def test_a_negative_click_in_a_blood_pool_the_model_kept_takes_the_pool_out_and_
     assert not after[radius < 10].any()  # the pool is out
     assert after[(radius > 13) & (radius < 19)].all()  # the wall stays
     assert not after[radius >= 20].any()  # nothing added
+    # The model took a bite of the wall out with the pool: the click meant the pool, the wall comes back.
+    bitten = kept & ~((rows > 40) & (rows < 58) & (np.abs(cols - 40) < 3))
+    after = honour_negative_clicks(bitten, prior, image, [(40.5, 40.5, False)], crop)
+    assert not after[radius < 10].any() and after[(radius > 14) & (radius < 19)].all()
     # A positive click, or a negative one the prior already follows, changes nothing.
     assert np.array_equal(honour_negative_clicks(kept, prior, image, [(40.5, 40.5, True)], crop), kept)
     assert np.array_equal(honour_negative_clicks(kept, prior, image, [(5.5, 5.5, False)], crop), kept)
