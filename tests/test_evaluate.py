@@ -9,15 +9,16 @@ from conftest import sphere_volume, write_nifti
 
 from napari_sam2unet.cli import main
 from napari_sam2unet.errors import InputError
+from napari_sam2unet.honoured_clicks import otsu_split
 from napari_sam2unet.models import load_card
-from napari_sam2unet.training.evaluate import dice, make_cases, otsu_in_box, otsu_threshold
+from napari_sam2unet.training.evaluate import dice, make_cases, otsu_in_box
 from napari_sam2unet.training.sources import check_pair
 
 
 def test_otsu_splits_two_populations():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(10, 2, 500), rng.normal(50, 2, 500)])
-    assert 15 < otsu_threshold(values) < 45
+    assert 15 < otsu_split(values, bins=256)[0] < 45
 
 
 @pytest.mark.parametrize("polarity", [1, -1])

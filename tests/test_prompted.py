@@ -406,6 +406,33 @@ def test_cli_corrects_a_saved_label_map_where_the_user_clicks(tmp_path, prompted
         assert not (tmp_path / "x.nii.gz").exists()
 
 
+def test_cli_a_negative_click_in_a_pool_takes_the_pool_out_and_keeps_the_wall_the_model_dropped(tmp_path,
+                                                                                                 prompted_card):
+    """`segment --prior --point K:I,J:neg` on a ring: the test model keeps the bright pool and drops
+    the dim wall; the click said the pool was wrong, so the corrected slice is the wall."""
+    import nibabel as nib
+    from conftest import write_nifti
+
+    from napari_sam2unet.cli import main
+
+    rows, cols = np.indices((48, 40))
+    radius = np.hypot(rows - 24, cols - 20)
+    plane = np.where(radius < 6, 900.0, np.where(radius < 13, 300.0, 100.0))
+    data = np.repeat(plane[:, :, None], 12, axis=2) + np.random.default_rng(0).normal(0, 5, (48, 40, 12))
+    image = write_nifti(tmp_path / "ring.nii.gz", data.astype(np.float32))
+    prior = np.zeros((48, 40, 12), np.uint8)
+    prior[:, :, 6] = radius < 13  # the user's mask: pool and wall
+    saved = write_nifti(tmp_path / "ring_seg.nii.gz", prior)
+    out = tmp_path / "corrected.nii.gz"
+    code = main(["segment", str(image), "--prior", str(saved), "--point", "6:24.5,20.5:neg", "--out", str(out),
+                 "--model", str(prompted_card.card_path), "--quiet"])
+    assert code == 0
+    corrected = np.asarray(nib.load(str(out)).dataobj)[:, :, 6] > 0
+    assert not corrected[radius < 5].any()  # the pool is out
+    assert corrected[(radius > 8) & (radius < 12)].all()  # the wall stays
+    assert not corrected[radius > 14].any()
+
+
 def test_eval_scores_the_click_protocols_through_the_engine(tmp_path, prompted_card):
     from conftest import write_nifti
 

@@ -60,26 +60,25 @@ def honour_negative_clicks(mask: np.ndarray, prior: np.ndarray, image: np.ndarra
     r1, c1 = min(int(np.ceil(crop.r1)), mask.shape[0]), min(int(np.ceil(crop.c1)), mask.shape[1])
     out = mask.copy()
     window, before = out[r0:r1, c0:c1], prior[r0:r1, c0:c1]  # window is a view: edits land in out
-    if before.sum() < MIN_PRIOR_PIXELS:
+    inside = [(int(i) - r0, int(j) - c0) for i, j, positive in clicks if not positive]
+    # Earlier clicks the prior already follows (off it) are done.
+    on_prior = [(r, c) for r, c in inside if 0 <= r < window.shape[0] and 0 <= c < window.shape[1] and before[r, c]]
+    if not on_prior or before.sum() < MIN_PRIOR_PIXELS:
         return out
-    smooth = None
-    for i, j, positive in clicks:
-        r, c = int(i) - r0, int(j) - c0
-        if positive or not (0 <= r < window.shape[0] and 0 <= c < window.shape[1]) or not before[r, c]:
-            continue  # earlier clicks the prior already follows are done
-        if smooth is None:
-            smooth = ndimage.gaussian_filter(np.asarray(image[r0:r1, c0:c1], np.float32), SMOOTHING)
-        cut, separability = otsu_split(smooth[before])
-        if separability < MIN_SEPARABILITY:
-            continue  # one tissue, no edge to follow: the model's own hole stands
-        clicked_tissue = before & ((smooth > cut) == (smooth[r, c] > cut))
+    smooth = ndimage.gaussian_filter(np.asarray(image[r0:r1, c0:c1], np.float32), SMOOTHING)
+    cut, separability = otsu_split(smooth[before])
+    if separability < MIN_SEPARABILITY:
+        return out  # one tissue, no edge to follow: the model's own holes stand
+    upper = smooth > cut
+    depth = ndimage.distance_transform_edt(before)
+    rows, cols = np.ogrid[: window.shape[0], : window.shape[1]]
+    for r, c in on_prior:
+        clicked_tissue = before & (upper == upper[r, c])
         labels, _ = ndimage.label(clicked_tissue)
         region = labels == labels[r, c]
         if ndimage.distance_transform_edt(before & ~region).max() < MIN_WALL:
             continue  # the other class is only the object's rim: the clicked tissue is the object itself
-        reach = REACH * ndimage.distance_transform_edt(before)[r, c]
-        rows, cols = np.ogrid[: window.shape[0], : window.shape[1]]
-        disc = (rows - r) ** 2 + (cols - c) ** 2 <= reach**2
+        disc = (rows - r) ** 2 + (cols - c) ** 2 <= (REACH * depth[r, c]) ** 2
         # The click says the clicked tissue is wrong, not the wall: wall the model took out with it
         # comes back, clear of the edge between the two (that stays the model's).
         wall = before & ~clicked_tissue & ~window & disc

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..geometry import BOX_GROWTH, dice, enlarged_box, mask_bbox
+from ..honoured_clicks import otsu_split
 from ..preprocess import axis_plane, plan_views
 from ..prompts import Box, Point, Prompts
 from .datasets import SPLITS, add_data_root_argument
@@ -129,19 +130,6 @@ def model_volume(engine, segment, case: Case, protocol: str) -> np.ndarray:
 # --- the classical baseline -----------------------------------------------------------------
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold: the cut that maximises the between-class variance."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight0 = np.cumsum(hist)
-    weight1 = weight0[-1] - weight0
-    sum0 = np.cumsum(hist * centres)
-    mean0 = sum0 / np.maximum(weight0, 1)
-    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))]) if bins > 1 else float(centres[0])
-
-
 def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
     """Otsu inside the box; keep the class and connected region under the box centre; fill holes."""
     from ..postprocess import box_mask
@@ -151,7 +139,7 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
     values = image[inside]
     if values.size < 2 or values.min() == values.max():
         return mask
-    cut = otsu_threshold(values)
+    cut, _ = otsu_split(values, bins=256)
     centre = (min(int((box[0] + box[2]) / 2), image.shape[0] - 1), min(int((box[1] + box[3]) / 2), image.shape[1] - 1))
     bright = image > cut
     chosen = (bright if bright[centre] else ~bright) & inside
