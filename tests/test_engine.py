@@ -229,6 +229,21 @@ def test_propagation_stops_when_the_mask_jumps_or_leaks_not_when_it_shrinks():
     assert propagation_stop(np.zeros_like(previous), previous) == "vanished"
 
 
+def test_the_next_slices_box_hugs_the_previous_mask_so_a_walk_does_not_creep_outwards():
+    """Propagation boxes the next slice on the previous mask's box and one voxel (the card's margin
+    comes on top, as for a drawn box): a box grown by a share of its sides let masks grow slice
+    after slice (docs/performance.md: 0.557 propagated on validation, 0.547 with 5%)."""
+    from napari_sam2unet.propagation import neighbour_box
+
+    previous = np.zeros((64, 64), bool)
+    previous[10:20, 20:40] = True  # rows 10-19, columns 20-39
+    assert neighbour_box(previous) == (9.0, 19.0, 21.0, 41.0)
+    edge = np.zeros((64, 64), bool)
+    edge[0:5, 60:64] = True  # at the slice's edge the box stops there
+    assert neighbour_box(edge) == (0.0, 59.0, 6.0, 64.0)
+    assert neighbour_box(np.zeros((64, 64), bool)) is None
+
+
 def test_use_volume_keeps_views_and_cache_for_the_same_array_and_settings(engine):
     data = sphere_volume()[0]
     assert engine.use_volume(data, (1.0, 1.0, 2.0))  # first use: set
