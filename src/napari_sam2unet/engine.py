@@ -53,9 +53,7 @@ from .probabilities import MAX_PREPARED as MAX_PREPARED
 from .probabilities import ProbabilityCache
 from .prompt_maps import draw_task_prompts, is_prompted
 from .prompts import Box, Prompts
-from .propagation import PROPAGATE_GROWTH as PROPAGATE_GROWTH
 from .propagation import PROPAGATE_MIN_OVERLAP as PROPAGATE_MIN_OVERLAP
-from .propagation import mask_box as mask_box
 from .propagation import neighbour_box
 from .propagation import propagation_continues as propagation_continues
 from .propagation import propagation_stop as propagation_stop

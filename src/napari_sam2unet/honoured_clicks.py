@@ -60,9 +60,9 @@ def honour_negative_clicks(mask: np.ndarray, prior: np.ndarray, image: np.ndarra
     r1, c1 = min(int(np.ceil(crop.r1)), mask.shape[0]), min(int(np.ceil(crop.c1)), mask.shape[1])
     out = mask.copy()
     window, before = out[r0:r1, c0:c1], prior[r0:r1, c0:c1]  # window is a view: edits land in out
-    inside = [(int(i) - r0, int(j) - c0) for i, j, positive in clicks if not positive]
+    negatives = [(int(i) - r0, int(j) - c0) for i, j, positive in clicks if not positive]
     # Earlier clicks the prior already follows (off it) are done.
-    on_prior = [(r, c) for r, c in inside if 0 <= r < window.shape[0] and 0 <= c < window.shape[1] and before[r, c]]
+    on_prior = [(r, c) for r, c in negatives if 0 <= r < window.shape[0] and 0 <= c < window.shape[1] and before[r, c]]
     if not on_prior or before.sum() < MIN_PRIOR_PIXELS:
         return out
     smooth = ndimage.gaussian_filter(np.asarray(image[r0:r1, c0:c1], np.float32), SMOOTHING)
@@ -82,6 +82,7 @@ def honour_negative_clicks(mask: np.ndarray, prior: np.ndarray, image: np.ndarra
         # The click says the clicked tissue is wrong, not the wall: wall the model took out with it
         # comes back, clear of the edge between the two (that stays the model's).
         wall = before & ~clicked_tissue & ~window & disc
-        window[wall & (ndimage.distance_transform_edt(~clicked_tissue) >= WALL_MARGIN)] = True
+        if wall.any():  # the distance map only where there is wall to give back
+            window[wall & (ndimage.distance_transform_edt(~clicked_tissue) >= WALL_MARGIN)] = True
         window[region & disc] = False
     return out

@@ -208,7 +208,7 @@ def _propagation_pair(rng, slices, k: int, depth: int) -> tuple[int, int | None]
 
 def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size, kind):
     """A crop with its prompts drawn into channels 1 and 2, as the engine draws them."""
-    from ..engine import PROPAGATE_GROWTH, mask_box
+    from ..propagation import neighbour_box
 
     if mode == "propagate" and (neighbour is None or neighbour.sum() < 4):
         mode = "box"
@@ -219,7 +219,7 @@ def _prompted_crop(rng, mode, img, mask, neighbour, spacing2d, views, spec, size
         prior = np.ascontiguousarray(prompt_sim.perturb(rng, neighbour))
         if prior.sum() < 4:
             return None
-        box = mask_box(prior, PROPAGATE_GROWTH)
+        box = neighbour_box(prior)  # as the engine boxes a propagated slice
         margin = float(np.clip(spec.margin + rng.normal(0, 0.05), 0.0, 0.5))
         crop = crop_for_box(box, spacing2d, spec.crop, margin)
         x, y = make_crop(img, mask, spacing2d, views, spec, size, crop=crop)

@@ -152,8 +152,8 @@ def otsu_in_box(image: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
 def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, protocol: str = "tight") -> np.ndarray:
     """Otsu in each box (on the window `view`); interpolated boxes between the given ones, or
     propagation outwards with the engine's rule, as the protocol says."""
-    from ..engine import PROPAGATE_GROWTH, mask_box, propagation_continues
     from ..prompts import interpolate_boxes
+    from ..propagation import neighbour_box, propagation_continues
 
     propagate = protocol == "propagated"
     if protocol == "interpolated":
@@ -171,7 +171,7 @@ def baseline_volume(data: np.ndarray, boxes: list[Box], axis: int, view, protoco
         out[plane(box.slice)] |= first
         for step in (-1, 1) if propagate else ():
             previous, k = first, box.slice + step
-            while 0 <= k < data.shape[axis] and (rect := mask_box(previous, PROPAGATE_GROWTH)) is not None:
+            while 0 <= k < data.shape[axis] and (rect := neighbour_box(previous)) is not None:
                 mask = otsu_in_box(view.apply(data[plane(k)]), rect)
                 if not propagation_continues(mask, previous):
                     break
