@@ -345,9 +345,14 @@ def test_a_corrupt_file_among_good_ones_is_named(real_data, tmp_path, capsys, br
     names = [f"im{k:02d}.dcm" for k in range(12)]
     write_series(tmp_path / "cut", block, names=names)
     bad = tmp_path / "cut" / "im04.dcm"
-    bad.write_bytes(bad.read_bytes()[:-3000])  # the copy stopped inside the pixels
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[:-3000])  # the copy stopped inside the pixels
     _refused(capsys, tmp_path, tmp_path / "cut", brightness_card, "cannot decode the pixels of im04.dcm")
-    bad.write_bytes(bad.read_bytes()[:400])  # ... or inside the header
+    bad.write_bytes(whole[:400])  # ... or inside the header
+    _refused(capsys, tmp_path, tmp_path / "cut", brightness_card, "im04.dcm in")
+    # ... or inside a UID: pydicom's complaint about the cut value is not a second line
+    uid_cut = whole.index(b"1.2.840.10008.") + len(b"1.2.840.10008.")
+    bad.write_bytes(whole[:uid_cut])
     _refused(capsys, tmp_path, tmp_path / "cut", brightness_card, "im04.dcm in")
 
 

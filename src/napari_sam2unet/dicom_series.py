@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,14 +88,18 @@ def find_series(path: str | os.PathLike) -> list[Series]:
         raise InputError(f"{root} does not exist; check the path")
     files = _candidate_files(root)
     series: dict[str, Series] = {}
-    for file in files:
-        dataset = _read_header(file)
-        if dataset is None:
-            continue
-        entry = series.get(str(dataset.SeriesInstanceUID))
-        if entry is None:
-            entry = series[str(dataset.SeriesInstanceUID)] = _new_series(dataset)
-        entry.frames.extend(_frames(dataset, file))
+    with warnings.catch_warnings():
+        # pydicom warns about each odd value it reads (a UID cut short, a stray character): a
+        # corrupt file gets one message of ours, and a usable series should not print a line per file.
+        warnings.simplefilter("ignore", UserWarning)
+        for file in files:
+            dataset = _read_header(file)
+            if dataset is None:
+                continue
+            entry = series.get(str(dataset.SeriesInstanceUID))
+            if entry is None:
+                entry = series[str(dataset.SeriesInstanceUID)] = _new_series(dataset)
+            entry.frames.extend(_frames(dataset, file))
     if not series:
         raise InputError(f"{root} holds no DICOM images ({len(files)} files looked at); "
                          f"give the folder of a CT or MR series, or a .nii/.nii.gz file")
